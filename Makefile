@@ -1,0 +1,30 @@
+# The two commands a fresh clone needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) install -r requirements-test.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+# Trains DLRM and DCN on built-in synthetic data and prints them side by side.
+demo: $(VENV)/.installed
+	$(PY) -m tfdlrm compare --models dlrm,dcn --data synthetic --preset kaggle --rows 20000 \
+	    --train-examples 300000 --eval-examples 50000 --epochs 1 --batch-size 256 \
+	    --optimizers adagrad --lr 0.02 --out runs/demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

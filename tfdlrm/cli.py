@@ -1,0 +1,280 @@
+"""``python -m tfdlrm``: the command line.  It parses and reports; the work is in
+functions of the package (``tfdlrm.training``, ``tfdlrm.compare``, ...), which tests
+and the Python API call directly.
+
+Errors the user can fix (flags, files, data) print one line, ``error: ...``, and
+exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Callable, Optional, Sequence
+
+from tfdlrm.errors import UserError
+from tfdlrm.presets import PRESET_NAMES, parse_widths
+
+MODEL_CHOICES = ("dlrm", "dcn", "dcn-v2")
+OPTIMIZER_CHOICES = ("sgd", "adagrad", "adam")
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+# -- argument types: each rejects bad values with a readable reason ---------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def widths(text: str) -> tuple[int, ...]:
+    try:
+        return parse_widths(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}; got {text!r}")
+        return names
+    return parse
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+# -- shared option groups -----------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a preset, any field overridden by a flag)")
+    g.add_argument("--preset", default="tiny", choices=PRESET_NAMES, help="model shape preset (default: tiny)")
+    g.add_argument("--rows", type=positive_int, help="rows of every embedding table (generated data; "
+                   "a converted dataset's manifest sets its own)")
+    g.add_argument("--embedding-dim", type=positive_int, help="embedding width")
+    g.add_argument("--bottom-mlp", type=widths, help="bottom MLP in the paper's notation, input first: 13-512-256-64-16")
+    g.add_argument("--top-mlp", type=widths, help="top MLP without its input width, ending in 1: 512-256-1")
+    g.add_argument("--interaction", choices=("dot", "cat"), help="feature interaction (default: dot)")
+    g.add_argument("--self-interaction", action="store_true", default=None,
+                   help="include each vector's dot product with itself")
+    g.add_argument("--pooling", choices=("sum", "mean"), help="multi-hot bag pooling (default: sum)")
+    g.add_argument("--ids-per-lookup", type=positive_int, help="ids per categorical feature (random data)")
+    g.add_argument("--cross-layers", type=non_negative_int, help="DCN cross layers (default: 6)")
+    g.add_argument("--deep-mlp", type=widths, help="DCN deep network widths (default: 512-256)")
+    g.add_argument("--cross-low-rank", type=positive_int, help="DCN-v2 low-rank projection size")
+
+
+CONFIG_FLAGS = ("embedding_dim", "bottom_mlp", "top_mlp", "interaction", "self_interaction", "pooling",
+                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="random, synthetic (default), or a converted Criteo dataset directory")
+    g.add_argument("--eval-data", help="held-out file, when raw data comes already split")
+    g.add_argument("--train-examples", type=positive_int, default=500_000,
+                   help="generated data: rows in the training split (default: 500000)")
+    g.add_argument("--eval-examples", type=positive_int, default=100_000,
+                   help="generated data: rows in the held-out split (default: 100000)")
+    g.add_argument("--data-seed", type=non_negative_int, default=0,
+                   help="generated data: seed of the data set itself (default: 0)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
+    g.add_argument("--steps-per-epoch", type=positive_int, help="batches per epoch (default: the whole split)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default: 128)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size (default: 4096)")
+    g.add_argument("--embedding-optimizer", choices=OPTIMIZER_CHOICES,
+                   help="optimizer for the embedding tables (default: --optimizer)")
+    g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+
+
+def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str]):
+    from tfdlrm.training import TrainSpec
+
+    return TrainSpec(
+        model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
+        overrides=config_overrides(args), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer, lr=args.lr,
+        embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
+        data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
+    )
+
+
+# -- commands -----------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from tfdlrm.training import train
+
+    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tfdlrm.compare import compare, format_table
+
+    specs = [spec_from_args(args, model, seed, optimizer, None)
+             for optimizer in args.optimizers for model in args.models for seed in args.seeds]
+    report = compare(specs, out=args.out)
+    print()
+    print(format_table(report))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from tfdlrm.presets import get_preset
+
+    print(f"{'preset':16} {'dim':>4} {'tables':>6} {'rows/table':>11} {'ids':>4}  {'bottom MLP':22} top MLP")
+    for name in PRESET_NAMES:
+        c = get_preset(name)
+        rows = c.table_rows[0] if len(set(c.table_rows)) == 1 else "varies"
+        print(f"{name:16} {c.embedding_dim:>4} {c.num_tables:>6} {rows:>11} {c.ids_per_lookup:>4}  "
+              f"{'-'.join(map(str, c.bottom_mlp)):22} {'-'.join(map(str, c.top_mlp))}")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m tfdlrm", description="DLRM and the DCN baseline in TensorFlow (tf_keras).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser("train", help="train one model with model.fit and evaluate it on the held-out split",
+                       description="Train DLRM, DCN or DCN-v2 with model.fit; checkpoints and TensorBoard logs "
+                                   "go under --out; the final line is the exact held-out AUC.")
+    p.add_argument("--model", default="dlrm", choices=MODEL_CHOICES, help="model to train (default: dlrm)")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_CHOICES, help="optimizer (default: sgd)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
+    p.add_argument("--seed", type=non_negative_int, default=1, help="seed of initialisation and shuffling (default: 1)")
+    p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json")
+    add_model_args(p)
+    add_data_args(p)
+    add_training_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several models on the same data and print a side-by-side table",
+                       description="Train each model (for each optimizer and seed) on the same data, split, "
+                                   "batch size and budget, then print exact held-out metrics side by side.")
+    p.add_argument("--models", type=name_list(MODEL_CHOICES), default=["dlrm", "dcn"],
+                   help="comma-separated models (default: dlrm,dcn)")
+    p.add_argument("--optimizers", type=name_list(OPTIMIZER_CHOICES), default=["sgd"],
+                   help="comma-separated optimizers (default: sgd)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
+    p.add_argument("--seeds", type=int_list, default=[1], help="comma-separated seeds (default: 1)")
+    p.add_argument("--out", help="directory for the report and per-model runs")
+    add_model_args(p)
+    add_data_args(p)
+    add_training_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up chatter (oneDNN, CUDA probes) hidden.
+
+    Those lines are written to file descriptor 2 by C++ before logging is set up,
+    so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; they are replayed if the import
+    fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def tensorflow_error_message(error: BaseException) -> Optional[str]:
+    """The readable part of a TensorFlow runtime error caused by bad data, or None."""
+    message = getattr(error, "message", None) or str(error)
+    marker = message.find("tfdlrm: ")
+    if marker >= 0:
+        text = message[marker + len("tfdlrm: "):]
+        return text.split("\n")[0].rstrip("'\"]")
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command != "presets":
+            import_tensorflow_quietly()
+        return args.func(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as e:  # TensorFlow reports bad data as runtime errors
+        text = tensorflow_error_message(e)
+        if text is None:
+            raise
+        sys.stderr.write(f"error: {text}\n")
+        return EXIT_USAGE

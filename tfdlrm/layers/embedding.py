@@ -1,0 +1,196 @@
+"""SparseArch: one embedding table per categorical feature, with bag pooling."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+POOLINGS = ("sum", "mean")
+OUT_OF_RANGE = "tfdlrm: categorical id out of range"
+
+
+def default_feature_names(count: int) -> list[str]:
+    """Criteo's column names for categorical features: C1, C2, ..."""
+    return [f"C{i + 1}" for i in range(count)]
+
+
+def table_initializer(rows: int) -> tf.keras.initializers.Initializer:
+    """The reference DLRM's table init: uniform(-sqrt(1/rows), sqrt(1/rows))."""
+    bound = math.sqrt(1.0 / rows)
+    return tf.keras.initializers.RandomUniform(-bound, bound)
+
+
+class EmbeddingTables(tf.keras.layers.Layer):
+    """One embedding table per categorical feature, each with its own row count.
+
+    Inputs (``int32``/``int64`` ids, ``features == len(rows)``):
+      * ``[batch, features]``: one id per feature (the Criteo case);
+      * ``[batch, features, k]``: fixed-size bags of ``k`` ids, pooled;
+      * ragged ``[batch, features, None]``: variable-size bags, pooled.
+
+    Output: ``float32 [batch, features, dim]``.  Bags are pooled by ``sum`` (the
+    reference's EmbeddingBag default) or ``mean``; an empty bag gives zeros.
+
+    Each table is its own variable ``[rows_f, dim]`` so that a placement plan can put
+    it on a device of its own; lookups are ``tf.gather`` so gradients are
+    ``IndexedSlices`` and the legacy optimizers update only the rows looked up.
+
+    With ``check_ids=True`` an id outside ``[0, rows_f)`` raises
+    ``InvalidArgumentError`` naming the feature, its row count and the id, instead
+    of the silent zero vector a GPU gather would give.  The check runs inside the
+    graph and costs a few small ops per step; XLA drops it, so jit-compiled training
+    validates ids in the input pipeline instead.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[int],
+        dim: int,
+        pooling: str = "sum",
+        feature_names: Optional[Sequence[str]] = None,
+        check_ids: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise ValueError("EmbeddingTables needs at least one table (rows is empty).")
+        bad = [(i, r) for i, r in enumerate(rows) if r <= 0]
+        if bad:
+            raise ValueError(f"every table needs at least one row; got rows={bad[0][1]} for table {bad[0][0]}.")
+        if int(dim) <= 0:
+            raise ValueError(f"embedding dim must be positive, got {dim}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        names = list(feature_names) if feature_names is not None else default_feature_names(len(rows))
+        if len(names) != len(rows):
+            raise ValueError(f"{len(names)} feature names for {len(rows)} tables.")
+        self.rows = rows
+        self.dim = int(dim)
+        self.pooling = pooling
+        self.feature_names = names
+        self.check_ids = bool(check_ids)
+        self.tables: list[tf.Variable] = []
+
+    @property
+    def num_features(self) -> int:
+        return len(self.rows)
+
+    def build(self, input_shape):
+        features = input_shape[1] if len(input_shape) > 1 else None
+        if features is not None and features != self.num_features:
+            raise ValueError(
+                f"expected ids for {self.num_features} categorical features, got {features} "
+                f"(input shape {tuple(input_shape)})."
+            )
+        self.tables = [
+            self.add_weight(
+                name=f"table_{name}",
+                shape=(rows, self.dim),
+                initializer=table_initializer(rows),
+                trainable=True,
+            )
+            for name, rows in zip(self.feature_names, self.rows)
+        ]
+        super().build(input_shape)
+
+    # -- id validation -------------------------------------------------------
+    def _validated(self, ids, feature_of_value=None):
+        """Return ``ids`` guarded by an assertion that every id is in range.
+
+        ``ids`` is the flat (or ``[batch, features(, k)]``) id tensor;
+        ``feature_of_value`` gives each id's feature when ``ids`` is flat.
+        """
+        rows = tf.constant(self.rows, dtype=ids.dtype)
+        if feature_of_value is None:
+            shape = [1, self.num_features] + [1] * (ids.shape.rank - 2)
+            limit = tf.reshape(rows, shape)
+        else:
+            limit = tf.gather(rows, feature_of_value)
+        bad = tf.logical_or(ids < 0, ids >= limit)
+
+        def fail():
+            flat_bad = tf.reshape(bad, [-1])
+            first = tf.argmax(tf.cast(flat_bad, tf.int32), output_type=tf.int64)
+            bad_id = tf.reshape(ids, [-1])[first]
+            if feature_of_value is None:
+                per_row = tf.reduce_prod(tf.shape(ids, out_type=tf.int64)[1:])
+                inner = tf.reduce_prod(tf.shape(ids, out_type=tf.int64)[2:])
+                feature = (first % per_row) // inner
+            else:
+                feature = tf.cast(feature_of_value[first], tf.int64)
+            rows_f = tf.strings.as_string(tf.gather(rows, feature))
+            message = tf.strings.join([
+                OUT_OF_RANGE, ": feature ", tf.gather(tf.constant(self.feature_names), feature),
+                " (table ", tf.strings.as_string(feature), ") has ", rows_f,
+                " rows, so ids must be in [0, ", rows_f, "), got id ", tf.strings.as_string(bad_id),
+            ])
+            with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+                return tf.identity(ids)
+
+        return tf.cond(tf.reduce_any(bad), fail, lambda: ids)
+
+    # -- lookup ----------------------------------------------------------------
+    def call(self, ids):
+        if isinstance(ids, tf.RaggedTensor):
+            return self._lookup_ragged(ids)
+        ids = tf.convert_to_tensor(ids)
+        if not ids.dtype.is_integer:
+            raise ValueError(f"categorical ids must be int32 or int64, got {ids.dtype.name}.")
+        if ids.shape.rank not in (2, 3):
+            raise ValueError(
+                f"categorical ids must be [batch, features] or [batch, features, k], got shape {ids.shape}."
+            )
+        if self.check_ids:
+            ids = self._validated(ids)
+        columns = tf.unstack(ids, num=self.num_features, axis=1)
+        pooled = []
+        for table, column in zip(self.tables, columns):
+            vectors = tf.gather(table, column)  # [batch, dim] or [batch, k, dim]
+            if ids.shape.rank == 3:
+                vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
+            pooled.append(vectors)
+        return tf.stack(pooled, axis=1)
+
+    def _lookup_ragged(self, ids: tf.RaggedTensor):
+        if not ids.dtype.is_integer:
+            raise ValueError(f"categorical ids must be int32 or int64, got {ids.dtype.name}.")
+        if ids.ragged_rank != 2 or ids.shape.rank != 3:
+            raise ValueError(
+                f"multi-hot ids must be ragged [batch, features, None], got {ids.shape} "
+                f"with ragged_rank {ids.ragged_rank}."
+            )
+        # ids.values: [batch * features, None]; row r belongs to feature r % features.
+        bags = ids.values
+        if self.check_ids:
+            feature_of_bag = tf.math.floormod(tf.range(bags.nrows()), self.num_features)
+            feature_of_value = tf.gather(feature_of_bag, bags.value_rowids())
+            bags = bags.with_flat_values(self._validated(bags.flat_values, feature_of_value))
+        # Bag of feature f for example b is row b * features + f.
+        bag_index = tf.reshape(tf.range(bags.nrows()), [-1, self.num_features])
+        pooled = []
+        for f, table in enumerate(self.tables):
+            feature_bags = tf.gather(bags, bag_index[:, f])  # ragged [batch, None]
+            vectors = tf.gather(table, feature_bags)  # ragged [batch, None, dim]
+            summed = tf.reduce_sum(vectors, axis=1)
+            if self.pooling == "mean":
+                counts = tf.cast(feature_bags.row_lengths(), summed.dtype)
+                summed = summed / tf.maximum(counts, 1.0)[:, None]
+            pooled.append(summed)
+        return tf.stack(pooled, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([input_shape[0], self.num_features, self.dim])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            rows=list(self.rows),
+            dim=self.dim,
+            pooling=self.pooling,
+            feature_names=list(self.feature_names),
+            check_ids=self.check_ids,
+        )
+        return config
+

@@ -1,0 +1,88 @@
+"""InteractionArch: how the dense vector and the embedding vectors are combined."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+INTERACTIONS = ("dot", "cat")
+
+
+def dot_pair_indices(num_vectors: int, self_interaction: bool = False) -> np.ndarray:
+    """Flat indices into a ``[n, n]`` Gram matrix of its lower triangle, row-major.
+
+    Pairs ``(i, j)`` with ``j < i`` (``j <= i`` with self-interaction), the order of
+    the reference DLRM's ``li, lj`` and of TFRS's ``DotInteraction``.
+    """
+    offset = 1 if self_interaction else 0
+    return np.array(
+        [i * num_vectors + j for i in range(num_vectors) for j in range(i + offset)],
+        dtype=np.int32,
+    )
+
+
+def dot_output_width(dim: int, num_features: int, self_interaction: bool = False) -> int:
+    n = num_features + 1
+    pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
+    return dim + pairs
+
+
+class DotInteraction(tf.keras.layers.Layer):
+    """Pairwise dot products of the dense vector and every embedding vector.
+
+    Inputs: ``dense [batch, dim]`` and ``embeddings [batch, features, dim]``.
+    Output: ``[batch, dim + pairs]``: the dense vector followed by the
+    ``(features + 1) * features / 2`` dot products of distinct vectors (plus the
+    ``features + 1`` squared norms with ``self_interaction=True``).
+
+    The lower triangle of the Gram matrix is taken with a static ``tf.gather``, not
+    ``tf.boolean_mask``, so the layer compiles under XLA.
+    """
+
+    def __init__(self, self_interaction: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.self_interaction = bool(self_interaction)
+
+    def call(self, dense, embeddings):
+        if dense.shape[-1] != embeddings.shape[-1]:
+            raise ValueError(
+                "dot interaction needs the bottom MLP's output width to equal the embedding "
+                f"dim; got {dense.shape[-1]} and {embeddings.shape[-1]}."
+            )
+        vectors = tf.concat([tf.expand_dims(dense, 1), embeddings], axis=1)  # [batch, n, dim]
+        n = vectors.shape[1]
+        gram = tf.matmul(vectors, vectors, transpose_b=True)  # [batch, n, n]
+        flat = tf.reshape(gram, [-1, n * n])
+        pairs = tf.gather(flat, dot_pair_indices(n, self.self_interaction), axis=1)
+        return tf.concat([dense, pairs], axis=1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self_interaction=self.self_interaction)
+        return config
+
+
+class CatInteraction(tf.keras.layers.Layer):
+    """Plain concatenation.
+
+    Inputs: ``dense [batch, d]`` and ``embeddings [batch, features, dim]``.
+    Output: ``[batch, d + features * dim]``.
+    """
+
+    def call(self, dense, embeddings):
+        flat = tf.reshape(embeddings, [-1, embeddings.shape[1] * embeddings.shape[2]])
+        return tf.concat([dense, flat], axis=1)
+
+
+def make_interaction(kind: str, self_interaction: bool = False, **kwargs) -> tf.keras.layers.Layer:
+    if kind == "dot":
+        return DotInteraction(self_interaction=self_interaction, **kwargs)
+    if kind == "cat":
+        return CatInteraction(**kwargs)
+    raise ValueError(f"interaction must be one of {INTERACTIONS}, got {kind!r}.")
+
+
+def interaction_output_width(kind: str, dense_width: int, dim: int, num_features: int,
+                             self_interaction: bool = False) -> int:
+    if kind == "dot":
+        return dot_output_width(dim, num_features, self_interaction)
+    return dense_width + num_features * dim

@@ -1,0 +1,82 @@
+"""DenseArch / OverArch: a Dense + ReLU stack with the reference DLRM's initialisation."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+
+class MLP(tf.keras.layers.Layer):
+    """A stack of Dense layers, one per entry of ``widths``.
+
+    Input ``[batch, fan_in]`` -> output ``[batch, widths[-1]]``.  Every layer but the
+    last uses ``activation`` (ReLU); the last uses ``final_activation`` (ReLU by
+    default, as the reference's bottom MLP; ``None`` for a logit).
+
+    Initialisation as the reference DLRM: weights normal(0, sqrt(2 / (fan_in +
+    fan_out))), biases normal(0, sqrt(1 / fan_out)).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        activation: Optional[str] = "relu",
+        final_activation: Optional[str] = "relu",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        widths = [int(w) for w in widths]
+        if not widths or any(w <= 0 for w in widths):
+            raise ValueError(f"MLP widths must be a non-empty list of positive ints, got {widths}.")
+        self.widths = widths
+        self.activation = activation
+        self.final_activation = final_activation
+        self.dense_layers: list[tf.keras.layers.Dense] = []
+
+    def build(self, input_shape):
+        fan_in = input_shape[-1]
+        if fan_in is None:
+            raise ValueError(f"MLP {self.name} needs a known input width, got shape {input_shape}.")
+        self.dense_layers = []
+        for i, width in enumerate(self.widths):
+            last = i == len(self.widths) - 1
+            layer = tf.keras.layers.Dense(
+                width,
+                activation=self.final_activation if last else self.activation,
+                kernel_initializer=tf.keras.initializers.RandomNormal(
+                    stddev=math.sqrt(2.0 / (fan_in + width))
+                ),
+                bias_initializer=tf.keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / width)),
+                name=f"dense_{i}",
+            )
+            layer.build(tf.TensorShape([None, fan_in]))
+            self.dense_layers.append(layer)
+            fan_in = width
+        super().build(input_shape)
+
+    def call(self, x):
+        for layer in self.dense_layers:
+            x = layer(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape[:-1]).concatenate([self.widths[-1]])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            widths=list(self.widths),
+            activation=self.activation,
+            final_activation=self.final_activation,
+        )
+        return config
+
+
+def mlp_parameter_count(fan_in: int, widths: Sequence[int]) -> int:
+    """Weights plus biases of an MLP, in closed form."""
+    total = 0
+    for width in widths:
+        total += fan_in * width + width
+        fan_in = width
+    return total

@@ -1,0 +1,326 @@
+"""Build, compile, fit and evaluate: what ``python -m tfdlrm train`` does, as functions.
+
+A run directory (``--out``) holds::
+
+    run.json          model name, full model config, data description, training spec
+    checkpoints/      TF checkpoints (model + optimizer slots), one per epoch
+    logs/             TensorBoard event files
+    metrics.json      the final exact evaluation, throughput and parameter count
+
+``load_run(run_dir)`` rebuilds the model from ``run.json`` alone and restores the
+latest checkpoint: no command line needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+from tfdlrm.metrics import Evaluation, evaluate_predictions
+from tfdlrm.presets import ModelConfig, get_preset
+
+MODEL_NAMES = ("dlrm", "dcn", "dcn-v2")
+OPTIMIZER_NAMES = ("sgd", "adagrad", "adam")
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# -- models and optimizers ----------------------------------------------------------
+def build_model(name: str, config: ModelConfig) -> tf.keras.Model:
+    """A built DLRM, DCN or DCN-v2 (variables created) for ``config``."""
+    if name == "dlrm":
+        from tfdlrm.models import DLRM
+
+        model = DLRM(config)
+    elif name in ("dcn", "dcn-v2"):
+        from baselines.dcn import DCN
+
+        model = DCN(config, cross="v1" if name == "dcn" else "v2")
+    else:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return model.build_from_config()
+
+
+def make_optimizer(name: str, lr: float) -> tf.keras.optimizers.legacy.Optimizer:
+    """A tf_keras *legacy* optimizer: these apply ``IndexedSlices`` gradients as sparse
+    row updates, where the new optimizers keep and rewrite full-table state.
+
+    Adagrad starts its accumulators at 0 with epsilon 1e-10, as ``torch.optim.Adagrad``
+    in the reference DLRM.  Adam's moment slots are dense: every step decays the whole
+    table's slots, so prefer SGD or Adagrad for large embeddings.
+    """
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"learning rate must be a positive number, got {lr}")
+    legacy = tf.keras.optimizers.legacy
+    if name == "sgd":
+        return legacy.SGD(learning_rate=lr)
+    if name == "adagrad":
+        return legacy.Adagrad(learning_rate=lr, initial_accumulator_value=0.0, epsilon=1e-10)
+    if name == "adam":
+        return legacy.Adam(learning_rate=lr)
+    raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+
+
+def embedding_variables(model: tf.keras.Model) -> list:
+    return list(model.sparse_arch.trainable_variables)
+
+
+def dense_variables(model: tf.keras.Model) -> list:
+    sparse = {v.ref() for v in embedding_variables(model)}
+    return [v for v in model.trainable_variables if v.ref() not in sparse]
+
+
+def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1,
+                  embedding_optimizer: Optional[str] = None, embedding_lr: Optional[float] = None,
+                  jit_compile: bool = False, metrics: bool = True) -> tf.keras.Model:
+    """Compile with binary cross-entropy and (optionally) AUC / log loss / accuracy.
+
+    With ``embedding_optimizer`` or ``embedding_lr`` the embedding tables get their own
+    optimizer through TFRS's ``CompositeOptimizer``.
+    """
+    dense_opt = make_optimizer(optimizer, lr)
+    if embedding_optimizer is None and embedding_lr is None:
+        opt = dense_opt
+    else:
+        import tensorflow_recommenders as tfrs
+
+        sparse_opt = make_optimizer(embedding_optimizer or optimizer, embedding_lr or lr)
+        opt = tfrs.experimental.optimizers.CompositeOptimizer([
+            (sparse_opt, lambda: embedding_variables(model)),
+            (dense_opt, lambda: dense_variables(model)),
+        ])
+    keras_metrics = None
+    if metrics:
+        keras_metrics = [
+            tf.keras.metrics.AUC(num_thresholds=1000, name="auc"),
+            tf.keras.metrics.BinaryCrossentropy(name="logloss"),
+            tf.keras.metrics.BinaryAccuracy(name="accuracy"),
+        ]
+    model.compile(optimizer=opt, loss=tf.keras.losses.BinaryCrossentropy(), metrics=keras_metrics,
+                  jit_compile=jit_compile)
+    return model
+
+
+# -- evaluation ---------------------------------------------------------------------
+def predict_with_labels(model: tf.keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities over a whole ``(features, label)`` dataset."""
+    labels, probabilities = [], []
+    for features, y in dataset:
+        probabilities.append(np.asarray(model.predict_on_batch(features)).reshape(-1))
+        labels.append(y.numpy().reshape(-1))
+    if not labels:
+        raise UserError("the evaluation split is empty: nothing to evaluate")
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def evaluate(model: tf.keras.Model, dataset: tf.data.Dataset) -> Evaluation:
+    """Exact AUC (rank-based), log loss and accuracy of ``model`` on ``dataset``."""
+    return evaluate_predictions(*predict_with_labels(model, dataset))
+
+
+# -- a training run -------------------------------------------------------------------
+@dataclass
+class TrainSpec:
+    """Everything ``python -m tfdlrm train`` takes; ``train(spec)`` runs it."""
+
+    model: str = "dlrm"
+    preset: str = "tiny"
+    data: str = "synthetic"
+    eval_data: Optional[str] = None
+    rows: Optional[int] = None
+    overrides: dict = field(default_factory=dict)
+    epochs: int = 1
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 128
+    eval_batch_size: int = 4096
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    embedding_optimizer: Optional[str] = None
+    embedding_lr: Optional[float] = None
+    seed: int = 1
+    data_seed: int = 0
+    train_examples: int = 500_000
+    eval_examples: int = 100_000
+    out: Optional[str] = None
+    verbose: int | str = "auto"
+
+    def check(self) -> "TrainSpec":
+        if self.model not in MODEL_NAMES:
+            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise UserError(f"steps-per-epoch must be positive, got {self.steps_per_epoch}")
+        if self.rows is not None and self.rows <= 0:
+            raise UserError(f"rows must be positive, got {self.rows}")
+        make_optimizer(self.optimizer, self.lr)
+        if self.embedding_optimizer is not None or self.embedding_lr is not None:
+            make_optimizer(self.embedding_optimizer or self.optimizer, self.embedding_lr or self.lr)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunResult:
+    model: str
+    evaluation: Evaluation
+    params: int
+    train_seconds: float
+    examples_per_second: float
+    teacher_auc: Optional[float]
+    history: dict
+    run_dir: Optional[str]
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["evaluation"] = self.evaluation.to_dict()
+        return out
+
+
+class TrainingClock(tf.keras.callbacks.Callback):
+    """Wall time of the training part of each epoch (validation excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self._start: Optional[float] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def _stop(self):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+
+def prepare_out_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def model_config_for(spec: TrainSpec) -> ModelConfig:
+    return get_preset(spec.preset, rows=spec.rows, **spec.overrides)
+
+
+def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
+    """Train ``spec.model`` with ``model.fit`` and evaluate it exactly on the held-out split."""
+    from pipelines.sources import open_data
+
+    spec.check()
+    tf.keras.utils.set_random_seed(spec.seed)
+    source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
+                       eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data)
+    config = source.config
+    out = prepare_out_dir(spec.out) if spec.out else None
+
+    model = build_model(spec.model, config)
+    compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr)
+    params = model.count_params()
+    log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
+        f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
+        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples")
+
+    train_data = source.train_dataset(spec.batch_size, seed=spec.seed)
+    if spec.steps_per_epoch is not None:
+        train_data = train_data.repeat()  # epochs continue through the data
+    eval_data = source.eval_dataset(spec.eval_batch_size)
+
+    clock = TrainingClock()
+    first_step = int(model.optimizer.iterations.numpy())
+    callbacks: list = [clock]
+    if out is not None:
+        write_json(out / RUN_FILE, {"model": spec.model, "config": config.to_dict(), "data": source.describe(),
+                                    "spec": spec.to_dict()})
+        callbacks += [
+            tf.keras.callbacks.TensorBoard(log_dir=str(out / "logs"), update_freq="epoch", profile_batch=0),
+            tf.keras.callbacks.ModelCheckpoint(str(out / CHECKPOINT_DIR / "epoch-{epoch:03d}"),
+                                               save_weights_only=True),
+        ]
+    history = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
+                        validation_data=eval_data, callbacks=callbacks, verbose=spec.verbose)
+
+    evaluation = evaluate(model, eval_data)
+    teacher = source.teacher_auc()
+    steps = int(model.optimizer.iterations.numpy()) - first_step
+    trained_examples = steps * spec.batch_size
+    if spec.steps_per_epoch is None:  # the last batch of an epoch may be short
+        trained_examples = min(trained_examples, spec.epochs * source.train_examples)
+    result = RunResult(
+        model=spec.model,
+        evaluation=evaluation,
+        params=params,
+        train_seconds=clock.seconds,
+        examples_per_second=trained_examples / clock.seconds if clock.seconds else float("nan"),
+        teacher_auc=teacher,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        run_dir=str(out) if out else None,
+    )
+    line = f"{spec.model} held-out: {evaluation}"
+    if teacher is not None:
+        line += f"  [teacher AUC {teacher:.4f}]"
+    log(line)
+    if out is not None:
+        write_json(out / METRICS_FILE, result.to_dict())
+    return result
+
+
+def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
+    """Rebuild the model of a run directory from its ``run.json`` and restore its latest checkpoint."""
+    run = Path(run_dir)
+    meta_path = run / RUN_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{run_dir} is not a training run: {RUN_FILE} not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = ModelConfig.from_dict(meta["config"])
+        name = meta["model"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is unreadable: {e}") from None
+    model = build_model(name, config)
+    checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR))
+    if checkpoint is None:
+        raise UserError(f"{run_dir} has no checkpoint under {CHECKPOINT_DIR}/")
+    model.load_weights(checkpoint).expect_partial()
+    return model, meta
