@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from typing import Callable, Optional, Sequence
@@ -81,10 +82,12 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
 def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
+        if any(v < 0 for v in values):
+            raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
     return values
 
 
@@ -139,15 +142,33 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
 
 
-def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str]):
+def learning_rates(text: str) -> float | dict:
+    """``0.1`` (every optimizer) or ``sgd=0.1,adagrad=0.02`` (one per optimizer)."""
+    if "=" not in text:
+        return positive_float(text)
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in OPTIMIZER_CHOICES:
+            raise argparse.ArgumentTypeError(
+                f"expected NUMBER or OPTIMIZER=NUMBER,... with optimizers {', '.join(OPTIMIZER_CHOICES)}; got {text!r}")
+        rates[name] = positive_float(value)
+    return rates
+
+
+def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str], **extra):
+    from tfdlrm.compare import lr_for
     from tfdlrm.training import TrainSpec
 
     return TrainSpec(
         model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
         overrides=config_overrides(args), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer, lr=args.lr,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
+        lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
+        **extra,
     )
 
 
@@ -162,12 +183,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tfdlrm.compare import compare, format_table
 
-    specs = [spec_from_args(args, model, seed, optimizer, None)
+    specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points)
              for optimizer in args.optimizers for model in args.models for seed in args.seeds]
-    report = compare(specs, out=args.out)
+    command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in (argv_of(args)))
+    report = compare(specs, out=args.out, retrain=args.retrain, command=command)
     print()
     print(format_table(report))
     return 0
+
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    return getattr(args, "argv", None) or sys.argv[1:]
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -206,9 +232,13 @@ def build_parser() -> Parser:
                    help="comma-separated models (default: dlrm,dcn)")
     p.add_argument("--optimizers", type=name_list(OPTIMIZER_CHOICES), default=["sgd"],
                    help="comma-separated optimizers (default: sgd)")
-    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
+    p.add_argument("--lr", type=learning_rates, default=0.1,
+                   help="learning rate, or one per optimizer: sgd=0.1,adagrad=0.02 (default: 0.1)")
     p.add_argument("--seeds", type=int_list, default=[1], help="comma-separated seeds (default: 1)")
-    p.add_argument("--out", help="directory for the report and per-model runs")
+    p.add_argument("--out", help="directory for report.json, report.md, curves.png and the per-model runs")
+    p.add_argument("--retrain", action="store_true", help="train again runs whose results are already in --out")
+    p.add_argument("--curve-points", type=non_negative_int, default=20,
+                   help="points on each learning curve, each an exact held-out evaluation (default: 20; 0 = none)")
     add_model_args(p)
     add_data_args(p)
     add_training_args(p)
@@ -259,6 +289,7 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

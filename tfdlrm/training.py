@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from tfdlrm.callbacks import LearningCurve, StopOnNonFinite, TrainingClock
 from tfdlrm.errors import UserError
 from tfdlrm.metrics import Evaluation, evaluate_predictions
 from tfdlrm.presets import ModelConfig, get_preset
@@ -152,6 +152,7 @@ class TrainSpec:
     train_examples: int = 500_000
     eval_examples: int = 100_000
     out: Optional[str] = None
+    curve_points: int = 0
     verbose: int | str = "auto"
 
     def check(self) -> "TrainSpec":
@@ -162,6 +163,8 @@ class TrainSpec:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
             raise UserError(f"steps-per-epoch must be positive, got {self.steps_per_epoch}")
+        if self.curve_points < 0:
+            raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
         if self.rows is not None and self.rows <= 0:
             raise UserError(f"rows must be positive, got {self.rows}")
         make_optimizer(self.optimizer, self.lr)
@@ -183,34 +186,14 @@ class RunResult:
     teacher_auc: Optional[float]
     history: dict
     run_dir: Optional[str]
+    examples: int = 0
+    curve: list = field(default_factory=list)
+    diverged: Optional[str] = None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["evaluation"] = self.evaluation.to_dict()
         return out
-
-
-class TrainingClock(tf.keras.callbacks.Callback):
-    """Wall time of the training part of each epoch (validation excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = 0.0
-        self._start: Optional[float] = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def _stop(self):
-        if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
-
-    def on_test_begin(self, logs=None):
-        self._stop()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._stop()
 
 
 def prepare_out_dir(path: str) -> Path:
@@ -226,10 +209,20 @@ def prepare_out_dir(path: str) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write strict JSON (NaN and infinities become null) atomically: temporary file, then rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value):
@@ -269,7 +262,12 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
 
     clock = TrainingClock()
     first_step = int(model.optimizer.iterations.numpy())
-    callbacks: list = [clock]
+    callbacks: list = [clock, StopOnNonFinite(str(out / CHECKPOINT_DIR) if out else None)]
+    curve = None
+    if spec.curve_points:
+        steps = spec.epochs * (spec.steps_per_epoch or source.train_batches(spec.batch_size))
+        curve = LearningCurve(eval_data, max(1, steps // spec.curve_points), spec.batch_size)
+        callbacks.append(curve)
     if out is not None:
         write_json(out / RUN_FILE, {"model": spec.model, "config": config.to_dict(), "data": source.describe(),
                                     "spec": spec.to_dict()})
@@ -296,6 +294,8 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         teacher_auc=teacher,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
         run_dir=str(out) if out else None,
+        examples=trained_examples,
+        curve=curve.points if curve else [],
     )
     line = f"{spec.model} held-out: {evaluation}"
     if teacher is not None:
