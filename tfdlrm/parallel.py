@@ -449,6 +449,24 @@ class HybridRunner:
         return model.compute_metrics(x, y, y_pred, sample_weight)
 
 
+_MIRRORED: dict = {}
+
+
+def mirrored_strategy(devices: Sequence[str]):
+    """One ``MirroredStrategy`` per device list for the whole process.
+
+    A second strategy over the same devices starts its collective instance keys
+    afresh, and its all-reduces then collide with the first one's ("Shape mismatch
+    in the collective instance"), so models trained one after another share one.
+    """
+    import tensorflow as tf
+
+    key = tuple(devices)
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[key]
+
+
 # -- mirrored: every variable replicated, the whole-batch loss -----------------------------------------------------
 class MirroredRunner:
     """``model.fit`` under ``MirroredStrategy`` with the loss of the whole batch.
@@ -525,20 +543,27 @@ def ps_table_scope():
         yield
 
 
-def ps_strategy(cluster_resolver=None, table_shards: Optional[int] = None):
-    """A ``ParameterServerStrategy`` for the cluster in ``TF_CONFIG`` (or ``cluster_resolver``),
-    with tables sharded over all parameter servers (or ``table_shards`` parts)."""
+def cluster_from_tf_config(cluster_resolver=None):
+    """The cluster resolver for ``--parallel ps``: ``TF_CONFIG``'s, unless one is given."""
     import tensorflow as tf
 
     if cluster_resolver is None:
         if not os.environ.get("TF_CONFIG"):
             raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see README, Parallelism)")
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    spec = cluster_resolver.cluster_spec()
-    jobs = spec.as_dict()
+    jobs = cluster_resolver.cluster_spec().as_dict()
     if not jobs.get("ps") or not jobs.get("worker"):
         raise UserError(f"--parallel ps needs 'ps' and 'worker' jobs in TF_CONFIG's cluster, got {sorted(jobs)}")
-    num_ps = len(jobs["ps"])
+    return cluster_resolver
+
+
+def ps_strategy(cluster_resolver=None, table_shards: Optional[int] = None):
+    """A ``ParameterServerStrategy`` for the cluster in ``TF_CONFIG`` (or ``cluster_resolver``),
+    with tables sharded over all parameter servers (or into ``table_shards`` parts)."""
+    import tensorflow as tf
+
+    cluster_resolver = cluster_from_tf_config(cluster_resolver)
+    num_ps = len(cluster_resolver.cluster_spec().as_dict()["ps"])
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
     return tf.distribute.ParameterServerStrategy(
         cluster_resolver, variable_partitioner=TablePartitioner(table_shards or num_ps))
@@ -585,6 +610,8 @@ def check_parallel_args(mode, devices, budget, steps_per_epoch=None) -> None:
             raise UserError(f"--budget applies to --parallel hybrid (its placement plan), not {mode}")
     if mode == "ps" and steps_per_epoch is None:
         raise UserError("--parallel ps needs --steps-per-epoch (workers read their data shards endlessly)")
+    if mode == "ps" and not os.environ.get("TF_CONFIG"):
+        raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see README, Parallelism)")
 
 
 # -- one setup for training ----------------------------------------------------------------------------------------
@@ -601,6 +628,7 @@ class Parallel:
     plan: Optional[PlacementPlan] = None
     strategy: object = None
     runner: object = None
+    cluster: dict = field(default_factory=dict)  # ps: the cluster's jobs and addresses
 
     @contextlib.contextmanager
     def scope(self):
@@ -634,8 +662,7 @@ class Parallel:
         if self.mode == "none":
             return "one device"
         if self.mode == "ps":
-            spec = self.strategy.cluster_resolver.cluster_spec().as_dict()
-            return f"parameter servers: {len(spec['worker'])} worker(s), {len(spec['ps'])} ps"
+            return f"parameter servers: {len(self.cluster['worker'])} worker(s), {len(self.cluster['ps'])} ps"
         return f"{self.mode} over {len(self.devices)} device(s): {', '.join(self.devices)}"
 
 
@@ -650,8 +677,8 @@ def make_parallel(mode: Optional[str] = None, devices=None, config: Optional[Mod
     if mode == "ps":
         if devices is not None:
             raise UserError("--parallel ps takes its devices from TF_CONFIG's cluster; drop --devices")
-        strategy = ps_strategy(cluster_resolver)
-        return Parallel("ps", [], None, strategy, None)
+        resolver = cluster_from_tf_config(cluster_resolver)
+        return Parallel("ps", [], None, ps_strategy(resolver), None, cluster=resolver.cluster_spec().as_dict())
     if devices is None:
         devices = 1
     names = configure_devices(devices)
@@ -663,10 +690,7 @@ def make_parallel(mode: Optional[str] = None, devices=None, config: Optional[Mod
                             f"use --parallel hybrid or mirrored")
         return Parallel("none", names)
     if mode == "mirrored":
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy(names)
-        return Parallel("mirrored", names, None, strategy, MirroredRunner())
+        return Parallel("mirrored", names, None, mirrored_strategy(names), MirroredRunner())
     if config is None:
         raise ValueError("hybrid parallelism needs the model config for its placement plan")
     plan = plan_for(config, names, budget, model)

@@ -283,6 +283,10 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     if setup.plan is not None and len(setup.devices) > 1:
         per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
         log(f"embedding bytes per device: {per_device}")
+        for t in setup.plan.tables:
+            if t.split:
+                log(f"table {t.name} split by rows over {len(t.shards)} devices: "
+                    + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
     if setup.mode == "ps":
         # Each worker reads its own shard of the data; the coordinator evaluates.
