@@ -453,17 +453,21 @@ _MIRRORED: dict = {}
 
 
 def mirrored_strategy(devices: Sequence[str]):
-    """One ``MirroredStrategy`` per device list for the whole process.
+    """A ``MirroredStrategy`` over ``devices`` that reduces through the first device.
 
-    A second strategy over the same devices starts its collective instance keys
-    afresh, and its all-reduces then collide with the first one's ("Shape mismatch
-    in the collective instance"), so models trained one after another share one.
+    TensorFlow's default all-reduce uses collective ops whose group and instance keys
+    each new strategy numbers afresh: a second strategy in the same process (another
+    run of ``compare``, another device count in ``bench``) then collides with the
+    first ("Shape mismatch in the collective instance", "joining a group with size
+    4, but that group has size 2").  ``ReductionToOneDevice`` has no such keys, and
+    the same code runs on GPUs and CPUs.  One strategy is kept per device list.
     """
     import tensorflow as tf
 
     key = tuple(devices)
     if key not in _MIRRORED:
-        _MIRRORED[key] = tf.distribute.MirroredStrategy(list(devices))
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(
+            list(devices), cross_device_ops=tf.distribute.ReductionToOneDevice(reduce_to_device=devices[0]))
     return _MIRRORED[key]
 
 
