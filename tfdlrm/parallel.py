@@ -684,6 +684,8 @@ def make_parallel(mode: Optional[str] = None, devices=None, config: Optional[Mod
         resolver = cluster_from_tf_config(cluster_resolver)
         return Parallel("ps", [], None, ps_strategy(resolver), None, cluster=resolver.cluster_spec().as_dict())
     if devices is None:
+        if mode in (None, "none"):
+            return Parallel("none")  # TensorFlow's own placement, as without this module
         devices = 1
     names = configure_devices(devices)
     if mode is None:
