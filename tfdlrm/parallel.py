@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -100,12 +101,6 @@ def device_names(devices) -> list[str]:
     return [f"/device:{kind}:{k}" for k in range(devices)]
 
 
-def _runtime_started() -> bool:
-    from tensorflow.python.eager import context
-
-    return context.context()._context_handle is not None  # noqa: SLF001
-
-
 def configure_devices(devices) -> list[str]:
     """Make the devices of ``devices`` (a count or a list) exist; return their names.
 
@@ -127,15 +122,17 @@ def configure_devices(devices) -> list[str]:
         raise UserError("this machine shows no CPU device to TensorFlow")
     if len(tf.config.get_logical_device_configuration(physical[0]) or [None]) >= needed:
         return names
-    if _runtime_started():
+    try:
+        tf.config.set_logical_device_configuration(
+            physical[0], [tf.config.LogicalDeviceConfiguration() for _ in range(needed)])
+    except RuntimeError:  # TensorFlow's runtime has started: its devices are fixed
         have = len(tf.config.list_logical_devices("CPU"))
         if have >= needed:
             return names
         raise UserError(
             f"{needed} CPU devices are needed but TensorFlow has already started with {have}; "
-            f"call tfdlrm.parallel.configure_devices({needed}) before any TensorFlow op (a fresh process)")
-    tf.config.set_logical_device_configuration(
-        physical[0], [tf.config.LogicalDeviceConfiguration() for _ in range(needed)])
+            f"call tfdlrm.parallel.configure_devices({needed}) before any TensorFlow op (a fresh process)"
+        ) from None
     return names
 
 
@@ -435,7 +432,7 @@ class HybridRunner:
         model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
         variables = model.trainable_variables
         # tf.gradients places each gradient op beside its forward op, so every device
-        # runs the backward pass of its slice; a GradientTape would put them all on one.
+        # runs the backward pass of its slice; a GradientTape leaves them unplaced.
         grads = tf.gradients(loss, variables)
         model.optimizer.apply_gradients(zip(grads, variables))
         return model.compute_metrics(x, y, y_pred, sample_weight)
@@ -505,7 +502,7 @@ class MirroredRunner:
 
 
 # -- parameter servers ---------------------------------------------------------------------------------------------
-_TABLE_BEING_CREATED = [False]
+_TABLE_CREATION = threading.local()  # .active: the variable being created is a table
 
 
 class TablePartitioner:
@@ -523,7 +520,7 @@ class TablePartitioner:
 
     def __call__(self, shape, dtype, axis=0):
         partitions = [1] * len(shape)
-        if _TABLE_BEING_CREATED[0]:
+        if getattr(_TABLE_CREATION, "active", False):
             partitions[axis] = min(self.shards, int(shape[axis]))
         return partitions
 
@@ -534,14 +531,16 @@ def ps_table_scope():
     only they) go through :class:`TablePartitioner`."""
     import tensorflow as tf
 
+    from tfdlrm.layers.embedding import table_variable_name
+
+    prefix = table_variable_name("")
+
     def creator(next_creator, **kwargs):
-        name = kwargs.get("name") or ""
-        is_table = name.startswith("table_")
-        _TABLE_BEING_CREATED[0] = is_table
+        _TABLE_CREATION.active = (kwargs.get("name") or "").startswith(prefix)
         try:
             return next_creator(**kwargs)
         finally:
-            _TABLE_BEING_CREATED[0] = False
+            _TABLE_CREATION.active = False
 
     with tf.variable_creator_scope(creator):
         yield
