@@ -161,29 +161,6 @@ def equivalence(args: dict) -> dict:
     }
 
 
-def train_run(args: dict) -> dict:
-    """``tfdlrm.train`` with --devices/--budget into a run directory; the weights it ends with."""
-    import numpy as np
-
-    from tfdlrm.training import TrainSpec, build_model, train  # noqa: F401
-
-    captured = {}
-    original = parallel.Parallel.attach
-
-    def attach(self, model):  # keep a handle on the trained model
-        captured["model"], captured["setup"] = model, self
-        return original(self, model)
-
-    parallel.Parallel.attach = attach
-    spec = TrainSpec(**args["spec"])
-    result = train(spec, log=lambda s: None)
-    model, setup = captured["model"], captured["setup"]
-    np.savez(Path(spec.out) / "final_weights.npz", **canonical_weights(model))
-    return {"auc": result.evaluation.auc, "mode": setup.mode,
-            "split_tables": [t.name for t in setup.plan.tables if t.split] if setup.plan else [],
-            "devices": setup.devices}
-
-
 def resume(args: dict) -> dict:
     """Restore a one-device checkpoint (weights and Adagrad slots) into hybrid on these
     devices with a row-split table; train on; compare with the one-device run."""
@@ -257,7 +234,7 @@ def ps_cluster(args: dict) -> dict:
             "auc": evaluation.auc, "examples": evaluation.examples}
 
 
-SCENARIOS = {f.__name__: f for f in (placement, equivalence, train_run, resume, ps_cluster)}
+SCENARIOS = {f.__name__: f for f in (placement, equivalence, resume, ps_cluster)}
 
 
 def main() -> None:
