@@ -16,7 +16,7 @@ import math
 import tensorflow as tf
 
 from tfdlrm.layers.mlp import MLP, mlp_parameter_count
-from tfdlrm.models import check_features, dummy_batch, functional_view, make_sparse_arch
+from tfdlrm.models import RecommenderModel, make_sparse_arch
 from tfdlrm.presets import CROSS_KINDS, ModelConfig
 
 
@@ -96,7 +96,7 @@ class CrossV2Stack(tf.keras.layers.Layer):
         return config
 
 
-class DCN(tf.keras.Model):
+class DCN(RecommenderModel):
     """Deep & Cross Network on DLRM's inputs; see the module docstring for shapes."""
 
     model_name = "dcn"
@@ -116,23 +116,11 @@ class DCN(tf.keras.Model):
         self.deep_net = MLP(config.deep_mlp, final_activation="relu", name="deep_net")
         self.logit_layer = tf.keras.layers.Dense(1, name="logit")
 
-    def logits(self, inputs, training=None):
-        dense, sparse = check_features(inputs, self.config, "DCN")
-        embedded = self.sparse_arch(sparse)  # [batch, tables, dim]
+    def logits_from_embeddings(self, dense, embedded, training=None):
         flat = tf.reshape(embedded, [-1, self.config.num_tables * self.config.embedding_dim])
         x0 = tf.concat([dense, flat], axis=1)  # [batch, D]
         joined = tf.concat([self.cross_net(x0), self.deep_net(x0)], axis=1)
         return self.logit_layer(joined)  # [batch, 1]
-
-    def call(self, inputs, training=None):
-        return tf.keras.activations.sigmoid(self.logits(inputs, training=training))
-
-    def build_from_config(self):
-        self(dummy_batch(self.config))
-        return self
-
-    def summary(self, *args, **kwargs):
-        functional_view(self).summary(*args, **kwargs)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "cross": self.cross, "name": self.name}

@@ -19,6 +19,7 @@ from tfdlrm.presets import PRESET_NAMES, parse_widths
 
 MODEL_CHOICES = ("dlrm", "dcn", "dcn-v2")
 OPTIMIZER_CHOICES = ("sgd", "adagrad", "adam")
+PARALLEL_CHOICES = ("none", "hybrid", "mirrored", "ps")
 EXIT_USAGE = 2
 
 
@@ -79,6 +80,24 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def devices_arg(text: str):
+    from tfdlrm.parallel import parse_devices
+
+    try:
+        return parse_devices(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--devices: ").removeprefix("--devices ")) from None
+
+
+def bytes_arg(text: str) -> int:
+    from tfdlrm.parallel import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--budget: ").removeprefix("--budget ")) from None
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -92,9 +111,9 @@ def int_list(text: str) -> list[int]:
 
 
 # -- shared option groups -----------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
     g = p.add_argument_group("model (a preset, any field overridden by a flag)")
-    g.add_argument("--preset", default="tiny", choices=PRESET_NAMES, help="model shape preset (default: tiny)")
+    g.add_argument("--preset", default=preset, choices=PRESET_NAMES, help=f"model shape preset (default: {preset})")
     g.add_argument("--rows", type=positive_int, help="rows of every embedding table (generated data; "
                    "a converted dataset's manifest sets its own)")
     g.add_argument("--embedding-dim", type=positive_int, help="embedding width")
@@ -140,6 +159,19 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-optimizer", choices=OPTIMIZER_CHOICES,
                    help="optimizer for the embedding tables (default: --optimizer)")
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (see README, Parallelism)")
+    g.add_argument("--devices", type=devices_arg,
+                   help="a device count (GPUs, or the CPU split into logical devices) or a list: GPU:0,GPU:1")
+    g.add_argument("--parallel", choices=PARALLEL_CHOICES,
+                   help="hybrid: tables placed per device, MLPs on every device; mirrored: everything "
+                        "replicated; ps: parameter servers from TF_CONFIG (default: hybrid with several "
+                        "devices, else none)")
+    g.add_argument("--budget", type=bytes_arg,
+                   help="hybrid: embedding bytes per device (512MiB, 2GB, ...); larger tables are split by rows")
 
 
 def learning_rates(text: str) -> float | dict:
@@ -168,7 +200,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
-        **extra,
+        devices=args.devices, parallel=args.parallel, budget=args.budget, **extra,
     )
 
 
@@ -205,6 +237,40 @@ def cmd_presets(args: argparse.Namespace) -> int:
         rows = c.table_rows[0] if len(set(c.table_rows)) == 1 else "varies"
         print(f"{name:16} {c.embedding_dim:>4} {c.num_tables:>6} {rows:>11} {c.ids_per_lookup:>4}  "
               f"{'-'.join(map(str, c.bottom_mlp)):22} {'-'.join(map(str, c.top_mlp))}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.parallel import plan_for
+    from tfdlrm.presets import get_preset
+
+    config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
+    plan = plan_for(config, args.devices, args.budget, args.model)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
+
+
+def cmd_bench_parallel(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.parallel import bench_parallel, format_bench
+
+    rows = bench_parallel(args.preset, args.rows, args.device_counts, args.batch_size, args.steps, args.warmup,
+                          args.mode, args.model, budget=args.budget, overrides=config_overrides(args),
+                          log=(lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr)))
+    if args.json:
+        print(json.dumps([vars(r) for r in rows], indent=2))
+    else:
+        print(format_bench(rows))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from tfdlrm.parallel import run_server
+
+    run_server()
     return 0
 
 
@@ -246,6 +312,38 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("plan", help="print where --parallel hybrid puts each embedding table",
+                       description="The hybrid placement plan: each table on one device, bytes balanced "
+                                   "greedily (largest first); tables over --budget split by rows.")
+    p.add_argument("--model", default="dlrm", choices=MODEL_CHOICES, help="model (default: dlrm)")
+    p.add_argument("--devices", type=devices_arg, default=1, help="a device count or a list (default: 1)")
+    p.add_argument("--budget", type=bytes_arg, help="embedding bytes per device (512MiB, 2GB, ...)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_model_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", help="benchmarks: bench parallel")
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
+    p = bench.add_parser("parallel", help="step time and bytes per device for 1, 2 and 4 devices",
+                         description="Train a few steps on random data with --mode over each device count "
+                                     "and report step time and embedding bytes per device. On a CPU the "
+                                     "logical devices share its cores: a report, not a speed-up.")
+    p.add_argument("--model", default="dlrm", choices=MODEL_CHOICES, help="model (default: dlrm)")
+    p.add_argument("--mode", default="hybrid", choices=("hybrid", "mirrored"), help="parallel mode (default: hybrid)")
+    p.add_argument("--device-counts", type=int_list, default=[1, 2, 4], help="device counts (default: 1,2,4)")
+    p.add_argument("--batch-size", type=positive_int, default=2048, help="global batch size (default: 2048)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per count (default: 20)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--budget", type=bytes_arg, help="hybrid: embedding bytes per device")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_model_args(p, preset="kaggle")
+    p.set_defaults(func=cmd_bench_parallel, rows=100_000)
+
+    p = sub.add_parser("server", help="run this host's worker or parameter server for --parallel ps",
+                       description="Start the tf.distribute.Server of the task named in TF_CONFIG (a worker "
+                                   "or ps) and serve until killed; the chief runs train --parallel ps.")
+    p.set_defaults(func=cmd_server)
     return parser
 
 

@@ -51,7 +51,51 @@ def make_sparse_arch(config: ModelConfig) -> EmbeddingTables:
     return EmbeddingTables(config.table_rows, config.embedding_dim, pooling=config.pooling, name="sparse_arch")
 
 
-class DLRM(tf.keras.Model):
+class RecommenderModel(tf.keras.Model):
+    """What DLRM and DCN share: embeddings (``sparse_arch``) looked up from the ids,
+    then :meth:`logits_from_embeddings` on the dense features and the looked-up vectors.
+
+    ``model.fit`` runs :meth:`train_step`; a parallel mode set by ``tfdlrm.parallel``
+    (``parallel_runner``) replaces it, with the same loss and metrics.
+    """
+
+    parallel_runner = None  # set by tfdlrm.parallel: hybrid placement or exact mirrored loss
+
+    def logits_from_embeddings(self, dense, embedded, training=None):
+        """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``."""
+        raise NotImplementedError
+
+    def logits(self, inputs, training=None):
+        dense, sparse = check_features(inputs, self.config, type(self).__name__)
+        embedded = self.sparse_arch(sparse)  # [batch, tables, dim]
+        return self.logits_from_embeddings(dense, embedded, training=training)
+
+    def call(self, inputs, training=None):
+        # tf.keras.activations.sigmoid remembers the logit, so binary cross-entropy
+        # on the probability is computed from the logit (no clipping at 1e-7).
+        return tf.keras.activations.sigmoid(self.logits(inputs, training=training))
+
+    def train_step(self, data):
+        if self.parallel_runner is not None:
+            return self.parallel_runner.train_step(self, data)
+        return super().train_step(data)
+
+    def test_step(self, data):
+        if self.parallel_runner is not None:
+            return self.parallel_runner.test_step(self, data)
+        return super().test_step(data)
+
+    def build_from_config(self):
+        """Create all variables by calling the model once on a dummy batch."""
+        self(dummy_batch(self.config))
+        return self
+
+    def summary(self, *args, **kwargs):
+        """Keras summary of a functional view: named inputs and per-part output shapes."""
+        functional_view(self).summary(*args, **kwargs)
+
+
+class DLRM(RecommenderModel):
     """Deep Learning Recommendation Model (Naumov et al., 2019).
 
     Call on ``{"dense": float32 [batch, num_dense], "sparse": int [batch, tables]}``
@@ -73,26 +117,10 @@ class DLRM(tf.keras.Model):
         )
         self.over_arch = MLP(config.top_mlp, final_activation=None, name="over_arch")
 
-    def logits(self, inputs, training=None):
-        dense, sparse = check_features(inputs, self.config, "DLRM")
-        embedded = self.sparse_arch(sparse)  # [batch, tables, dim]
+    def logits_from_embeddings(self, dense, embedded, training=None):
         bottom = self.dense_arch(dense)  # [batch, dim]
         interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
         return self.over_arch(interacted)  # [batch, 1]
-
-    def call(self, inputs, training=None):
-        # tf.keras.activations.sigmoid remembers the logit, so binary cross-entropy
-        # on the probability is computed from the logit (no clipping at 1e-7).
-        return tf.keras.activations.sigmoid(self.logits(inputs, training=training))
-
-    def build_from_config(self):
-        """Create all variables by calling the model once on a dummy batch."""
-        self(dummy_batch(self.config))
-        return self
-
-    def summary(self, *args, **kwargs):
-        """Keras summary of a functional view: named inputs and per-part output shapes."""
-        functional_view(self).summary(*args, **kwargs)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

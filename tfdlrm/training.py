@@ -114,9 +114,12 @@ def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1
 # -- evaluation ---------------------------------------------------------------------
 def predict_with_labels(model: tf.keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Labels and predicted probabilities over a whole ``(features, label)`` dataset."""
+    from tfdlrm.parallel import batch_predictor
+
+    predict = batch_predictor(model)
     labels, probabilities = [], []
     for features, y in dataset:
-        probabilities.append(np.asarray(model.predict_on_batch(features)).reshape(-1))
+        probabilities.append(predict(features).reshape(-1))
         labels.append(y.numpy().reshape(-1))
     if not labels:
         raise UserError("the evaluation split is empty: nothing to evaluate")
@@ -154,6 +157,11 @@ class TrainSpec:
     out: Optional[str] = None
     curve_points: int = 0
     verbose: int | str = "auto"
+    # tfdlrm.parallel: a device count or list; none|hybrid|mirrored|ps (default: hybrid
+    # over several devices); hybrid's per-device byte budget for embeddings.
+    devices: Optional[int | str | list] = None
+    parallel: Optional[str] = None
+    budget: Optional[int | str] = None
 
     def check(self) -> "TrainSpec":
         if self.model not in MODEL_NAMES:
@@ -170,6 +178,9 @@ class TrainSpec:
         make_optimizer(self.optimizer, self.lr)
         if self.embedding_optimizer is not None or self.embedding_lr is not None:
             make_optimizer(self.embedding_optimizer or self.optimizer, self.embedding_lr or self.lr)
+        from tfdlrm.parallel import check_parallel_args
+
+        check_parallel_args(self.parallel, self.devices, self.budget, self.steps_per_epoch)
         return self
 
     def to_dict(self) -> dict:
@@ -241,29 +252,54 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     """Train ``spec.model`` with ``model.fit`` and evaluate it exactly on the held-out split."""
     from pipelines.sources import open_data
 
+    from tfdlrm import parallel
+
     spec.check()
+    if spec.devices is not None and spec.parallel != "ps":
+        parallel.configure_devices(spec.devices)  # before TensorFlow's runtime starts
     tf.keras.utils.set_random_seed(spec.seed)
     source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
                        eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data)
     config = source.config
     out = prepare_out_dir(spec.out) if spec.out else None
 
-    model = build_model(spec.model, config)
-    compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr)
+    setup = parallel.make_parallel(spec.parallel, spec.devices, config, parallel.parse_budget(spec.budget),
+                                   spec.model)
+    with setup.scope():
+        model = build_model(spec.model, config)
+        compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr)
+    setup.attach(model)
     params = model.count_params()
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
         f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
-        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples")
+        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}")
+    if setup.plan is not None and len(setup.devices) > 1:
+        per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
+        log(f"embedding bytes per device: {per_device}")
+        for t in setup.plan.tables:
+            if t.split:
+                log(f"table {t.name} split by rows over {len(t.shards)} devices: "
+                    + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
-    train_data = source.train_dataset(spec.batch_size, seed=spec.seed)
-    if spec.steps_per_epoch is not None:
-        train_data = train_data.repeat()  # epochs continue through the data
+    if setup.mode == "ps":
+        # Each worker reads its own shard of the data; the coordinator evaluates.
+        train_data = tf.keras.utils.experimental.DatasetCreator(
+            lambda context: source.train_dataset(spec.batch_size, seed=spec.seed, input_context=context).repeat())
+    else:
+        train_data = source.train_dataset(spec.batch_size, seed=spec.seed)
+        if spec.steps_per_epoch is not None:
+            train_data = train_data.repeat()  # epochs continue through the data
     eval_data = source.eval_dataset(spec.eval_batch_size)
 
     clock = TrainingClock()
     first_step = int(model.optimizer.iterations.numpy())
-    callbacks: list = [clock, StopOnNonFinite(str(out / CHECKPOINT_DIR) if out else None)]
+    callbacks: list = [clock]
+    if setup.mode != "ps":  # Keras allows no batch-level callbacks under ParameterServerStrategy
+        callbacks.append(StopOnNonFinite(str(out / CHECKPOINT_DIR) if out else None))
     curve = None
+    if spec.curve_points and setup.mode == "ps":
+        raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
+                        "allow with --parallel ps; use --curve-points 0")
     if spec.curve_points:
         steps = spec.epochs * (spec.steps_per_epoch or source.train_batches(spec.batch_size))
         curve = LearningCurve(eval_data, max(1, steps // spec.curve_points), spec.batch_size)
@@ -277,7 +313,8 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
                                                save_weights_only=True),
         ]
     history = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
-                        validation_data=eval_data, callbacks=callbacks, verbose=spec.verbose)
+                        validation_data=None if setup.mode == "ps" else eval_data, callbacks=callbacks,
+                        verbose=spec.verbose)
 
     evaluation = evaluate(model, eval_data)
     teacher = source.teacher_auc()
@@ -307,7 +344,12 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
 
 
 def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
-    """Rebuild the model of a run directory from its ``run.json`` and restore its latest checkpoint."""
+    """Rebuild the model of a run directory from its ``run.json`` and restore its latest checkpoint.
+
+    The model is the plain single-device one whatever ``--devices``/``--parallel`` the
+    run trained with: checkpoints name variables by role, and a row-split table
+    restores whole.
+    """
     run = Path(run_dir)
     meta_path = run / RUN_FILE
     if not meta_path.is_file():

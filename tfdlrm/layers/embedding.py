@@ -1,6 +1,7 @@
 """SparseArch: one embedding table per categorical feature, with bag pooling."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -13,6 +14,15 @@ OUT_OF_RANGE = "tfdlrm: categorical id out of range"
 def default_feature_names(count: int) -> list[str]:
     """Criteo's column names for categorical features: C1, C2, ..."""
     return [f"C{i + 1}" for i in range(count)]
+
+
+def table_variable_name(feature: str) -> str:
+    """The variable (and checkpoint) name of a feature's table: ``table_C1``.
+
+    Placement (``tfdlrm.parallel``) finds tables by this name; it never depends on
+    the device a table lives on, so checkpoints move between device counts.
+    """
+    return f"table_{feature}"
 
 
 def table_initializer(rows: int) -> tf.keras.initializers.Initializer:
@@ -35,6 +45,10 @@ class EmbeddingTables(tf.keras.layers.Layer):
     Each table is its own variable ``[rows_f, dim]`` so that a placement plan can put
     it on a device of its own; lookups are ``tf.gather`` so gradients are
     ``IndexedSlices`` and the legacy optimizers update only the rows looked up.
+    Each table's lookup and pooling run on the table's device.  A table may also be
+    a ``ShardedVariable`` split by rows (a hybrid placement plan or
+    ``ParameterServerStrategy`` creates those): ids are routed to the shard that
+    holds their row, gathered there, and stitched back in order.
 
     With ``check_ids=True`` an id outside ``[0, rows_f)`` raises
     ``InvalidArgumentError`` naming the feature, its row count and the id, instead
@@ -86,7 +100,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
             )
         self.tables = [
             self.add_weight(
-                name=f"table_{name}",
+                name=table_variable_name(name),
                 shape=(rows, self.dim),
                 initializer=table_initializer(rows),
                 trainable=True,
@@ -133,8 +147,22 @@ class EmbeddingTables(tf.keras.layers.Layer):
 
     # -- lookup ----------------------------------------------------------------
     def call(self, ids):
+        return tf.stack(self.lookup(ids), axis=1)  # [batch, features, dim]
+
+    def lookup(self, ids, devices: Optional[Sequence[Optional[str]]] = None) -> list:
+        """One pooled ``[batch, dim]`` tensor per table; ``call`` stacks them into
+        ``[batch, features, dim]``.  ``ids`` as for :meth:`call`.
+
+        Table ``f``'s lookup and pooling run on ``devices[f]``; by default on the
+        table's own device (a row-split table's shards each gather on their device
+        and the rows are pooled on the caller's device).
+        """
+        if devices is None:
+            devices = [_device_of(table) for table in self.tables]
+        if len(devices) != self.num_features:
+            raise ValueError(f"{len(devices)} devices for {self.num_features} tables.")
         if isinstance(ids, tf.RaggedTensor):
-            return self._lookup_ragged(ids)
+            return self._lookup_ragged(ids, devices)
         ids = tf.convert_to_tensor(ids)
         if not ids.dtype.is_integer:
             raise ValueError(f"categorical ids must be int32 or int64, got {ids.dtype.name}.")
@@ -146,14 +174,22 @@ class EmbeddingTables(tf.keras.layers.Layer):
             ids = self._validated(ids)
         columns = tf.unstack(ids, num=self.num_features, axis=1)
         pooled = []
-        for table, column in zip(self.tables, columns):
-            vectors = tf.gather(table, column)  # [batch, dim] or [batch, k, dim]
-            if ids.shape.rank == 3:
-                vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
+        for f, column in enumerate(columns):
+            with _device_scope(devices[f]):
+                vectors = self.gather(f, column)  # [batch, dim] or [batch, k, dim]
+                if ids.shape.rank == 3:
+                    vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
             pooled.append(vectors)
-        return tf.stack(pooled, axis=1)
+        return pooled
 
-    def _lookup_ragged(self, ids: tf.RaggedTensor):
+    def gather(self, feature: int, ids):
+        """Rows ``ids`` (any shape) of table ``feature``: ``ids.shape + [dim]``."""
+        table = self.tables[feature]
+        if not _is_sharded(table):
+            return tf.gather(table, ids)
+        return sharded_gather(table.variables, ids)
+
+    def _lookup_ragged(self, ids: tf.RaggedTensor, devices):
         if not ids.dtype.is_integer:
             raise ValueError(f"categorical ids must be int32 or int64, got {ids.dtype.name}.")
         if ids.ragged_rank != 2 or ids.shape.rank != 3:
@@ -170,15 +206,16 @@ class EmbeddingTables(tf.keras.layers.Layer):
         # Bag of feature f for example b is row b * features + f.
         bag_index = tf.reshape(tf.range(bags.nrows()), [-1, self.num_features])
         pooled = []
-        for f, table in enumerate(self.tables):
-            feature_bags = tf.gather(bags, bag_index[:, f])  # ragged [batch, None]
-            vectors = tf.gather(table, feature_bags)  # ragged [batch, None, dim]
-            summed = tf.reduce_sum(vectors, axis=1)
-            if self.pooling == "mean":
-                counts = tf.cast(feature_bags.row_lengths(), summed.dtype)
-                summed = summed / tf.maximum(counts, 1.0)[:, None]
+        for f in range(self.num_features):
+            with _device_scope(devices[f]):
+                feature_bags = tf.gather(bags, bag_index[:, f])  # ragged [batch, None]
+                vectors = feature_bags.with_flat_values(self.gather(f, feature_bags.flat_values))
+                summed = tf.reduce_sum(vectors, axis=1)  # [batch, dim]
+                if self.pooling == "mean":
+                    counts = tf.cast(feature_bags.row_lengths(), summed.dtype)
+                    summed = summed / tf.maximum(counts, 1.0)[:, None]
             pooled.append(summed)
-        return tf.stack(pooled, axis=1)
+        return pooled
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape([input_shape[0], self.num_features, self.dim])
@@ -194,3 +231,47 @@ class EmbeddingTables(tf.keras.layers.Layer):
         )
         return config
 
+
+
+# -- placement helpers --------------------------------------------------------------
+def _is_sharded(variable) -> bool:
+    return bool(getattr(variable, "is_sharded_variable", False))
+
+
+def _device_of(table) -> Optional[str]:
+    """Where a table's lookup runs by default: a plain variable's device; None (the
+    caller's device) for a row-split table, and for a mirrored one, which each
+    replica reads on its own device."""
+    if _is_sharded(table) or isinstance(table, tf.distribute.DistributedValues):
+        return None
+    return getattr(table, "device", None) or None
+
+
+def _device_scope(device: Optional[str]):
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
+def sharded_gather(shards: Sequence[tf.Variable], ids):
+    """Rows ``ids`` of a table split by rows into ``shards`` (in row order), ``ids.shape + [dim]``.
+
+    Each id goes to the shard holding its row; each shard gathers on its own device
+    (its gradient is ``IndexedSlices`` for that shard alone); the rows are stitched
+    back into the order of ``ids``.
+    """
+    ids = tf.convert_to_tensor(ids)
+    flat = tf.reshape(ids, [-1])
+    sizes = [int(s.shape[0]) for s in shards]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    # shard of each id: how many shard starts (after the first) are <= id
+    boundaries = tf.constant(starts[1:], dtype=flat.dtype)
+    shard_of = tf.reduce_sum(tf.cast(flat[:, None] >= boundaries[None, :], tf.int32), axis=1)
+    positions = tf.range(tf.size(flat))
+    ids_per_shard = tf.dynamic_partition(flat, shard_of, len(shards))
+    positions_per_shard = tf.dynamic_partition(positions, shard_of, len(shards))
+    rows = []
+    for shard, start, shard_ids in zip(shards, starts, ids_per_shard):
+        with tf.device(shard.device):
+            rows.append(tf.gather(shard, shard_ids - start))
+    stitched = tf.dynamic_stitch(positions_per_shard, rows)  # [ids, dim]
+    dim = shards[0].shape[1]
+    return tf.reshape(stitched, tf.concat([tf.shape(ids), [dim]], axis=0))
