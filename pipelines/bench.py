@@ -89,7 +89,7 @@ def _rows_per_second_reduce(dataset) -> tuple[int, float]:
     return int(rows), time.perf_counter() - start
 
 
-def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_sizes: Sequence[int] = (128, 4096),
+def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_sizes: Sequence[int] = (128, 1024, 4096),
                    repeats: int = 3, train_steps: int = 0, train_batch_size: int = 128, workers: int = 2,
                    tmp_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark (see the module docstring); returns the figures as a dict."""

@@ -448,7 +448,7 @@ class Spool:
 class ValueCounter:
     """Counts of uint32 values, for one feature: sorted runs, merged as they grow."""
 
-    FLUSH = 1 << 22
+    FLUSH = 1 << 20  # pending keys per feature before they are merged (12 MB)
 
     def __init__(self):
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -747,6 +747,7 @@ def _convert_files(spec: ConvertSpec, files: list[InputFile], directory: Path, p
     if vocabulary:
         threshold = spec.min_frequency if spec.min_frequency is not None else 1
         mapping = CategoricalMapping.from_counts([c.result() for c in counters], threshold)
+        mapping.prepare()
     spooled = {s: sink for s, sink in sinks.items() if isinstance(sink, Spool)}
     if spooled:
         label = "writing ids" if vocabulary else "shuffling the training split"

@@ -172,21 +172,32 @@ class CategoricalMapping:
         """The numpy twin of :class:`CategoricalLookup`: int32 ids [n, 26].
 
         ``values``: uint32 [n, 26] parsed hex values; ``missing``: bool [n, 26].
+        Vocabulary lookups go through pandas hash indexes (about twice as fast as a
+        binary search on Kaggle-sized vocabularies); call :meth:`prepare` once before
+        using the mapping from several threads.
         """
         if self.kind == "hash":
             ids = (values % np.uint32(self.hash_buckets)).astype(np.int32) + 1
         else:
-            ids = np.empty(values.shape, np.int32)
-            for f, keys in enumerate(self.vocabulary):
-                column = values[:, f]
-                if len(keys) == 0:
-                    ids[:, f] = RARE_ID
-                    continue
-                pos = np.searchsorted(keys, column)
-                found = keys[np.minimum(pos, len(keys) - 1)] == column
-                ids[:, f] = np.where(found, pos + 2, RARE_ID)
+            columns = np.ascontiguousarray(values.T)
+            ids_t = np.empty(columns.shape, np.int32)
+            for f, index in enumerate(self.prepare()):
+                position = index.get_indexer(columns[f])
+                ids_t[f] = np.where(position >= 0, position + 2, RARE_ID)
+            ids = ids_t.T.copy()
         ids[missing] = MISSING_ID
         return ids
+
+    def prepare(self) -> list:
+        """The per-feature lookup indexes (vocabulary mode), built on first use."""
+        if getattr(self, "_indexes", None) is None:
+            import pandas as pd
+
+            indexes = [pd.Index(keys) for keys in self.vocabulary]
+            for index in indexes:  # build the hash tables now, not concurrently in worker threads
+                index.get_indexer(index[:1])
+            self._indexes = indexes
+        return self._indexes
 
     # -- files --------------------------------------------------------------------------
     def manifest_entry(self) -> dict:

@@ -6,16 +6,18 @@ The pipeline never parses a row on its own::
     shard files --TFRecordDataset--> block records --decode_raw--> int32 [rows, 40]
         (training with a seed: shuffled file order, 4 files interleaved, a shuffle
          buffer of blocks, then windows of rows permuted)
-        --rebatch(batch_size)--> int32 [batch, 40] --bitcast/cast--> the model's batch
+        --bitcast/cast--> ({"dense", "sparse"}, label) per block or window
+        --rebatch(batch_size)--> the model's batches
 
-so the per-row cost is a memcpy or two; per-batch work is a handful of ops.
+so the per-row cost is a memcpy or two, and per batch there is one slicing step.
 
 Shuffling (``seed`` given): the order of the shard files (when the split is not
-sharded over workers), a buffer of ``SHUFFLE_BLOCKS`` blocks, and a random
-permutation of each window of ``WINDOW_BLOCKS`` blocks' rows.  Every epoch is a
-new order, the same for the same seed.  This mixes rows within ~1M-row stretches
-of the split; for data written in time order convert with ``--shuffle`` for a
-full shuffle of the training split.
+sharded over workers), 4 files read in turn, a shuffle buffer of
+``SHUFFLE_BLOCKS`` blocks (32 x 4096 rows), and a random permutation of the rows
+of each window of ``WINDOW_BLOCKS`` consecutive blocks.  Every epoch gets a new
+order, the same for the same seed.  A batch thus mixes rows from about 8 blocks
+drawn from ~130k rows of 4 files, not from the whole split: for data written in
+time order, convert with ``--shuffle`` (a full shuffle of the training split).
 
 Workers (``input_context`` with several input pipelines): blocks are dealt
 round-robin in file order (pipeline i keeps blocks i, i + n, ...), so the
@@ -170,9 +172,12 @@ class CriteoDataset:
             window = WINDOW_BLOCKS * self.rows_per_block
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
             data = tf.data.Dataset.zip((data.rebatch(window), seeds)).map(
-                _permute, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        data = data.rebatch(batch_size).map(to_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                            deterministic=deterministic)
+                lambda rows, s: to_batch(_permute(rows, s)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=deterministic)
+        else:
+            data = data.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        # Parsed per block or window above; per batch only the slicing of rebatch remains.
+        data = data.rebatch(batch_size)
         data = data.apply(tf.data.experimental.assert_cardinality(batches))
         if start_batch:
             data = data.skip(start_batch)

@@ -278,8 +278,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--rows", type=positive_int, default=2_000_000, help="rows of raw data (default: 2000000)")
     b.add_argument("--source", help="raw Criteo file whose rows are repeated (default: ../shared "
                                     "kaggle_split/train.txt, else generated rows)")
-    b.add_argument("--batch-sizes", type=int_list, default=[128, 4096],
-                   help="reader batch sizes (default: 128,4096)")
+    b.add_argument("--batch-sizes", type=int_list, default=[128, 1024, 4096],
+                   help="reader batch sizes (default: 128,1024,4096)")
     b.add_argument("--repeats", type=positive_int, default=3, help="reader epochs per batch size; the median "
                                                                    "is reported (default: 3)")
     b.add_argument("--train-steps", type=non_negative_int, default=0,
