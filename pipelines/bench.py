@@ -4,13 +4,15 @@ What it measures, in a temporary directory (removed afterwards):
 
 1. A raw Kaggle-format file of ``rows`` rows: real rows (``kaggle_split/train.txt``
    in ``../shared``, or ``--source FILE``) repeated in order until there are
-   enough, or generated Criteo-like rows when there is no such file.
+   enough, or generated Criteo-like rows when there is no such file.  Each
+   repetition permutes the digits 2-9 and letters a-f (see :func:`write_raw`), so the
+   vocabularies grow with the rows as real ones do; ``--verbatim`` repeats the
+   rows unchanged (tiny vocabularies).
 2. **Converter**: ``convert --format kaggle`` of that file (7-day split), wall time
    from start to finished directory, for the default vocabulary mapping
    (``--min-frequency 1``: a line-count pass, a counting pass, a writing pass) and
    for ``--hash-buckets`` (a line-count pass and a writing pass).  Rows/s = rows
-   read / seconds.  Repeated rows make the vocabulary small (the real file's
-   distinct values), so the vocabulary figure is optimistic for lookups.
+   read / seconds.
 3. **Reader**: the training split as the trainer reads it (``train_dataset(batch,
    seed)``: shuffled, decoded, batched), consumed inside TensorFlow with
    ``Dataset.reduce`` so that Python's per-batch cost is not counted; one epoch
@@ -61,22 +63,34 @@ def generated_lines(n: int, seed: int = 0) -> list[bytes]:
     return lines
 
 
-def write_raw(path: Path, rows: int, source: Optional[Path]) -> str:
-    """Write ``rows`` lines to ``path``; returns what they are."""
+def write_raw(path: Path, rows: int, source: Optional[Path], verbatim: bool = False) -> str:
+    """Write ``rows`` lines to ``path``; returns what they are.
+
+    Unless ``verbatim``, every repetition after the first maps the digits 2-9 and
+    the letters a-f through its own random permutations (digits to digits, letters
+    to letters; 0 and 1 stay, so labels stay 0/1): each repetition brings new
+    categorical values, so vocabularies grow with the rows as in real logs (dense
+    counts change digits and stay integers).
+    """
     if source is not None and source.is_file():
         lines = source.read_bytes().splitlines()
-        what = f"real rows of {source} ({len(lines):,}) repeated"
+        what = f"real rows of {source} ({len(lines):,})"
     else:
         lines = generated_lines(min(rows, 50_000))
-        what = "generated Criteo-format rows (no real rows found), repeated"
+        what = "generated Criteo-format rows (no real rows found)"
     if not lines:
         raise UserError(f"{source} has no lines to benchmark with")
+    what += " repeated verbatim" if verbatim else " repeated, each repetition with its digits 2-9 and letters a-f permuted"
     block = b"\n".join(lines) + b"\n"
+    rng = np.random.default_rng(0)
     with open(path, "wb") as f:
         full, rest = divmod(rows, len(lines))
-        for _ in range(full):
-            f.write(block)
-        f.write(b"".join(line + b"\n" for line in lines[:rest]))
+        for k in range(full + 1):
+            data = block if k < full else b"".join(line + b"\n" for line in lines[:rest])
+            if k and not verbatim:
+                to = bytes(rng.permutation(list(b"23456789")).tolist() + rng.permutation(list(b"abcdef")).tolist())
+                data = data.translate(bytes.maketrans(b"23456789abcdef", to))
+            f.write(data)
     return what
 
 
@@ -91,7 +105,7 @@ def _rows_per_second_reduce(dataset) -> tuple[int, float]:
 
 def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_sizes: Sequence[int] = (128, 1024, 4096),
                    repeats: int = 3, train_steps: int = 0, train_batch_size: int = 128, workers: int = 2,
-                   tmp_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+                   verbatim: bool = False, tmp_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark (see the module docstring); returns the figures as a dict."""
     from pipelines.criteo import ConvertSpec, convert
     from pipelines.reader import CriteoDataset
@@ -109,7 +123,7 @@ def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_si
     try:
         raw = work / "train.txt"
         start = time.perf_counter()
-        what = write_raw(raw, rows, src)
+        what = write_raw(raw, rows, src, verbatim)
         log(f"raw data: {rows:,} rows ({raw.stat().st_size / 1e6:,.0f} MB) of {what}; "
             f"written in {time.perf_counter() - start:.1f} s")
         result = {"rows": rows, "raw_bytes": raw.stat().st_size, "raw_rows": what,

@@ -214,8 +214,8 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     result = bench_pipeline(rows=args.rows, source=args.source, batch_sizes=args.batch_sizes,
                             repeats=args.repeats, train_steps=args.train_steps,
-                            train_batch_size=args.train_batch_size, workers=args.workers, tmp_dir=args.tmp_dir,
-                            log=log)
+                            train_batch_size=args.train_batch_size, workers=args.workers, verbatim=args.verbatim,
+                            tmp_dir=args.tmp_dir, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -282,6 +282,9 @@ def add_bench_parser(sub) -> None:
                    help="reader batch sizes (default: 128,1024,4096)")
     b.add_argument("--repeats", type=positive_int, default=3, help="reader epochs per batch size; the median "
                                                                    "is reported (default: 3)")
+    b.add_argument("--verbatim", action="store_true",
+                   help="repeat the rows unchanged (default: each repetition permutes the digits 2-9 and the "
+                        "letters a-f, so vocabularies grow with the rows)")
     b.add_argument("--train-steps", type=non_negative_int, default=0,
                    help="also train the kaggle-preset DLRM this many steps and report examples/s (default: 0)")
     b.add_argument("--train-batch-size", type=positive_int, default=128, help="batch size of --train-steps")
