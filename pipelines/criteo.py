@@ -840,9 +840,6 @@ def manifest_json(manifest: dict) -> str:
     return text + "\n"
 
 
-def dataset_identity(manifest_bytes: bytes) -> str:
-    """The sha256 of a manifest's bytes: names one conversion exactly."""
-    return hashlib.sha256(manifest_bytes).hexdigest()
 
 
 # -- raw files used directly (train --data RAW.txt): converted once into a cache -------------------

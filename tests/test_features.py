@@ -125,3 +125,26 @@ def test_converter_twins_equal_the_tensorflow_functions_on_every_real_row(criteo
                                       err_msg=name)
         total += len(lines)
     assert total == 16_267 + 2_686 + 1_000 + 10_000 + 8_953
+
+
+def test_raw_features_survive_a_savedmodel_round_trip(tmp_path):
+    """What the serving export needs: the transform, with its vocabulary files as assets."""
+    import shutil
+
+    from criteo_rows import line, write_lines
+
+    lines = [line(i % 2, [i] + [1] * 12, ["%08x" % (i % 3)] * 26) for i in range(14)]
+    write_lines(tmp_path / "train.txt", lines)
+    convert(ConvertSpec(out=str(tmp_path / "ds"), inputs=[str(tmp_path / "train.txt")], min_frequency=2))
+    module = RawFeatures.from_dataset(str(tmp_path / "ds"))
+    module.serve = tf.function(module.__call__, input_signature=[
+        tf.TensorSpec([None, 13], tf.float32), tf.TensorSpec([None, 26], tf.string)])
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    shutil.rmtree(tmp_path / "ds")  # the SavedModel must not need the dataset any more
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    dense = tf.constant([[3.0, np.nan] + [-1.0] * 11], tf.float32)
+    cats = tf.constant([["00000000", "00000002", "", "0000000A"] + ["00000001"] * 22])
+    out = loaded.serve(dense, cats)
+    np.testing.assert_allclose(out["dense"].numpy()[0, :3], [math.log(4), 0, 0], rtol=1e-6)
+    # values 0, 1, 2 were each seen >= 2 times in days 1-6: ids 2, 3, 4; 0xA never: the rare id
+    assert out["sparse"].numpy()[0, :5].tolist() == [2, 4, 0, 1, 3]
