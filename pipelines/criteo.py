@@ -15,6 +15,14 @@ Splits
     files, each bucket is permuted in memory), seeded by ``--seed``.  Held-out
     splits keep their file order.
 
+Passes: a day split that needs line counts (Kaggle; a halved Terabyte day 23)
+first counts lines (and takes the sha256).  Every file is then parsed once, by
+``--workers`` threads.  With ``--hash-buckets`` rows go straight to their shards.
+With a vocabulary, rows are parked on disk with their raw hex values (41 words a
+row) while the training values are counted; the vocabulary is then built and a
+last pass over the parked rows writes the ids.  Memory stays bounded whatever the
+input size: 8 MB chunks, one shuffle bucket (~1M rows), plus the vocabulary.
+
 Output directory (written as ``.NAME.partial-*`` beside it, renamed at the end;
 ``manifest.json`` is written last, so a directory with a manifest is complete)::
 
@@ -255,7 +263,7 @@ def _no_duplicates(files: list[InputFile]) -> None:
 
 def _count(path: str, progress: "Progress"):
     progress.start(f"counting lines of {os.path.basename(path)}", total_bytes=os.path.getsize(path))
-    counted = count_lines(path, on_bytes=progress.bytes)
+    counted = count_lines(path, on_bytes=progress.at_bytes)
     progress.done()
     return counted
 
@@ -285,7 +293,7 @@ class Progress:
         self.base_bytes += self.read_bytes
         self.read_bytes = 0
 
-    def bytes(self, n: int) -> None:
+    def at_bytes(self, n: int) -> None:
         self.read_bytes = n
         self._show()
 
@@ -713,7 +721,7 @@ def _convert_files(spec: ConvertSpec, files: list[InputFile], directory: Path, p
     progress.start("converting" if not vocabulary else "parsing and counting values", sum(f.size for f in files))
     work = lambda data, first, segments: process_chunk(data, first, segments, mapping)
     for f in files:
-        reader = ChunkReader(f.path, on_bytes=progress.bytes, checksum=f.sha256 is None)
+        reader = ChunkReader(f.path, on_bytes=progress.at_bytes, checksum=f.sha256 is None)
         jobs = ((pieces, first, f.segments) for first, pieces in reader)
         for result in _in_order(pool, jobs, work, spec.workers + 1):
             bad_rows.handle(f.path, result.bad, counts)
@@ -873,8 +881,9 @@ def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Op
     spec = ConvertSpec(out="", hash_buckets=hash_buckets, min_frequency=min_frequency,
                        inputs=[train] if not eval_data else (), train=[train] if eval_data else (),
                        test=[eval_data] if eval_data else ())
-    key_data = {"schema": SCHEMA_VERSION, "files": files, "mapping": [spec.mapping_kind, hash_buckets,
-                                                                        min_frequency], "split": bool(eval_data)}
+    threshold = None if hash_buckets is not None else (min_frequency or 1)
+    key_data = {"schema": SCHEMA_VERSION, "files": files, "mapping": [spec.mapping_kind, hash_buckets, threshold],
+                "split": bool(eval_data)}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / "criteo" / f"{Path(train).name}-{key}"

@@ -227,6 +227,8 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
         return GeneratedSource(spec, config, train_examples, eval_examples, data_seed, dense_distribution,
                                variable_bags)
     path = Path(spec)
+    if path.name == "manifest.json" and path.is_file():  # the manifest named instead of its directory
+        path = path.parent
     if path.is_dir():
         if eval_data is not None:
             raise UserError(f"--eval-data applies to raw TSV files; {spec} is a converted dataset with its own "

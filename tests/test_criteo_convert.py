@@ -331,3 +331,12 @@ def test_raw_files_are_converted_once_into_the_cache(tmp_path):
     days = cached_conversion(str(tmp_path / "train.txt"), None, str(tmp_path / "cache"), log=logs.append)
     assert CriteoDataset(days).rows("train") + CriteoDataset(days).rows("test") == 61
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_progress_line_reports_rows_per_second_when_asked(tmp_path, capsys):
+    write_lines(tmp_path / "train.txt", numbered_lines(100))
+    converted(tmp_path, inputs=[str(tmp_path / "train.txt")], progress=True)
+    err = capsys.readouterr().err
+    assert "counting lines of train.txt" in err and "rows/s" in err and "100.0%" in err
+    converted(tmp_path, "quiet", inputs=[str(tmp_path / "train.txt")])  # not a terminal: no progress line
+    assert capsys.readouterr().err == ""

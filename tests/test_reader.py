@@ -98,7 +98,7 @@ def test_input_context_gives_each_worker_a_disjoint_share(small, pipelines, seed
 
 
 def test_describe_names_the_dataset(small):
-    source = open_data(str(small), tfdlrm.get_preset("kaggle"))
+    source = open_data(str(small / "manifest.json"), tfdlrm.get_preset("kaggle"))  # the manifest names it too
     info = source.describe()
     manifest = (small / "manifest.json").read_bytes()
     assert info["kind"] == "criteo" and info["path"] == str(small.resolve())
