@@ -3,10 +3,17 @@
 ``open_data(spec, config)`` gives a :class:`DataSource` bound to the model config
 the data implies (table row counts, dense width).  Sources differ in where rows
 come from, never in what a batch looks like (see :mod:`pipelines`).
+
+``spec`` is ``random``, ``synthetic``, a converted Criteo dataset directory
+(``python -m tfdlrm convert``), or a raw Criteo TSV file (plain or gzip): a raw
+file is converted once into a cache directory (``pipelines.criteo.cached_conversion``)
+and read from there afterwards.
 """
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Optional
 
 import tensorflow as tf
@@ -139,18 +146,79 @@ def _whole_blocks(examples: int, what: str) -> int:
     return blocks * SYNTHETIC_BLOCK
 
 
+class CriteoSource(DataSource):
+    """A converted Criteo dataset (``pipelines/reader.py``); table sizes from its manifest.
+
+    The training split trains; the held-out ``eval_split`` (``test``) evaluates.  A
+    dataset converted with ``--halve-held-out`` also has ``val``:
+    ``split_dataset("val", batch_size)``.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: ModelConfig, eval_split: str = "test",
+                 raw_files: Optional[list] = None):
+        from pipelines.reader import CriteoDataset
+
+        self.dataset = CriteoDataset(path)
+        self.name = f"criteo {self.dataset.path}"
+        self.eval_split = eval_split
+        self.raw_files = raw_files
+        if config.num_dense != CRITEO_DENSE:
+            raise UserError(f"Criteo rows have {CRITEO_DENSE} dense features but preset {config.preset!r} "
+                            f"expects {config.num_dense}")
+        if config.ids_per_lookup != 1:
+            raise UserError(f"Criteo rows have one id per feature, but preset {config.preset!r} looks up "
+                            f"{config.ids_per_lookup} ids per feature")
+        self.config = config.with_rows(self.dataset.table_sizes)
+        self.train_examples = self.dataset.rows("train")
+        self.eval_examples = self.dataset.rows(eval_split)
+
+    def train_dataset(self, batch_size, seed=None, start_batch=0, input_context=None, deterministic=True):
+        return self.dataset.dataset("train", batch_size, seed=seed, start_batch=start_batch,
+                                    input_context=input_context, deterministic=deterministic)
+
+    def eval_dataset(self, batch_size):
+        return self.dataset.dataset(self.eval_split, batch_size)
+
+    def split_dataset(self, split: str, batch_size: int, **kwargs):
+        """Any split of the dataset (``train``, ``val``, ``test``), in file order unless ``seed`` is given."""
+        return self.dataset.dataset(split, batch_size, **kwargs)
+
+    def describe(self) -> dict:
+        manifest = self.dataset.manifest
+        out = {
+            "kind": "criteo",
+            "path": str(self.dataset.path),
+            "manifest_sha256": self.dataset.manifest_sha256,
+            "created_at": manifest.get("created_at"),
+            "eval_split": self.eval_split,
+            "train_examples": self.train_examples,
+            "eval_examples": self.eval_examples,
+            "table_rows": list(self.config.table_rows),
+            "mapping": {k: v for k, v in manifest["mapping"].items() if k != "vocabulary_sizes"},
+            "sources": [{"path": src["path"], "sha256": src["sha256"]} for src in manifest["sources"]],
+        }
+        if self.raw_files:
+            out["raw_files"] = self.raw_files
+        return out
+
+
 def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, eval_examples: int = 100_000,
               data_seed: int = 0, dense_distribution: str = "uniform", variable_bags: bool = False,
-              eval_data: Optional[str] = None) -> DataSource:
-    """The data named by ``spec``: ``random``, ``synthetic`` or a path.
+              eval_data: Optional[str] = None, cache_dir: Optional[str] = None,
+              hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None) -> DataSource:
+    """The data named by ``spec``: ``random``, ``synthetic``, a converted dataset
+    directory, or a raw Criteo TSV file (with ``eval_data`` its held-out file).
 
     For generated data the table sizes come from ``config`` (``--rows`` changes
-    them); for a converted dataset they come from its manifest and override the
-    preset's.
+    them); for Criteo data they come from the dataset's manifest and override the
+    preset's.  ``cache_dir``, ``hash_buckets`` and ``min_frequency`` apply to raw
+    files (how and where they are converted).
     """
+    raw_options = {"--cache-dir": cache_dir, "--hash-buckets": hash_buckets, "--min-frequency": min_frequency}
     if spec in GENERATED:
         if eval_data is not None:
             raise UserError("--eval-data applies to files only; generated data makes its own eval split")
+        _refuse(raw_options, f"generated ({spec}) data")
         if spec == "synthetic" and config.num_dense != CRITEO_DENSE:
             raise UserError(
                 f"synthetic data is Criteo-shaped ({CRITEO_DENSE} dense features) but preset "
@@ -158,6 +226,31 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
             )
         return GeneratedSource(spec, config, train_examples, eval_examples, data_seed, dense_distribution,
                                variable_bags)
+    path = Path(spec)
+    if path.name == "manifest.json" and path.is_file():  # the manifest named instead of its directory
+        path = path.parent
+    if path.is_dir():
+        if eval_data is not None:
+            raise UserError(f"--eval-data applies to raw TSV files; {spec} is a converted dataset with its own "
+                            f"held-out split")
+        _refuse(raw_options, f"a converted dataset ({spec})")
+        return CriteoSource(path, config)
+    if path.is_file():
+        from pipelines.criteo import cached_conversion
+
+        if eval_data is not None and not Path(eval_data).is_file():
+            raise UserError(f"--eval-data file not found: {eval_data}")
+        converted = cached_conversion(spec, eval_data, cache_dir, hash_buckets, min_frequency)
+        raw = [os.path.abspath(spec)] + ([os.path.abspath(eval_data)] if eval_data else [])
+        return CriteoSource(converted, config, raw_files=raw)
     raise UserError(
-        f"unknown data {spec!r}: use random, synthetic, or the path of a converted Criteo dataset"
+        f"unknown data {spec!r}: not random or synthetic, and no such file or directory "
+        f"(give a converted Criteo dataset directory or a raw Criteo TSV file)"
     )
+
+
+def _refuse(options: dict, what: str) -> None:
+    given = [flag for flag, value in options.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to raw Criteo TSV files, "
+                        f"not to {what}")

@@ -12,7 +12,21 @@ import tfdlrm  # noqa: F401  (must precede tensorflow)
 import tensorflow as tf  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CRITEO = REPO.parent / "shared" / "data" / "criteo"
+
+
+def _shared_criteo() -> Path:
+    """``shared/data/criteo`` beside the repository, or beside an ancestor (a git worktree
+    under ``wt/``); ``$TFDLRM_SHARED_CRITEO`` overrides."""
+    if os.environ.get("TFDLRM_SHARED_CRITEO"):
+        return Path(os.environ["TFDLRM_SHARED_CRITEO"])
+    for folder in REPO.parents:
+        candidate = folder / "shared" / "data" / "criteo"
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "data" / "criteo"
+
+
+SHARED_CRITEO = _shared_criteo()
 
 
 @pytest.fixture(autouse=True)

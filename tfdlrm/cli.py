@@ -140,8 +140,17 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
-                   help="random, synthetic (default), or a converted Criteo dataset directory")
-    g.add_argument("--eval-data", help="held-out file, when raw data comes already split")
+                   help="random, synthetic (default), a converted Criteo dataset directory, or a raw Criteo "
+                        "TSV file (plain or .gz; converted once into the cache, Kaggle's 7-day split unless "
+                        "--eval-data is given)")
+    g.add_argument("--eval-data", help="raw Criteo TSV: the held-out file, when raw data comes already split")
+    g.add_argument("--cache-dir", help="raw Criteo TSV: where conversions are cached (default: $TFDLRM_CACHE, "
+                                       "else ~/.cache/tfdlrm)")
+    mapping = g.add_mutually_exclusive_group()
+    mapping.add_argument("--hash-buckets", type=positive_int,
+                         help="raw Criteo TSV: categorical ids by hashing into N buckets per feature")
+    mapping.add_argument("--min-frequency", type=positive_int,
+                         help="raw Criteo TSV: vocabulary of values seen at least T times (default: 1)")
     g.add_argument("--train-examples", type=positive_int, default=500_000,
                    help="generated data: rows in the training split (default: 500000)")
     g.add_argument("--eval-examples", type=positive_int, default=100_000,
@@ -200,7 +209,8 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
-        devices=args.devices, parallel=args.parallel, budget=args.budget, **extra,
+        devices=args.devices, parallel=args.parallel, budget=args.budget,
+        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency, **extra,
     )
 
 
@@ -274,6 +284,109 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pipelines.criteo import ConvertSpec, convert
+
+    spec = ConvertSpec(
+        out=args.out, inputs=args.input or (), format=args.format, train=args.train or (), val=args.val or (),
+        test=args.test or (), hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
+        halve_held_out=args.halve_held_out, shuffle=args.shuffle, seed=args.seed, on_bad_row=args.on_bad_row,
+        rows_per_shard=args.rows_per_shard, rows_per_block=args.rows_per_block, overwrite=args.overwrite,
+        workers=args.workers, progress=args.progress,
+    )
+    print(convert(spec).summary())
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.bench import bench_pipeline
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    result = bench_pipeline(rows=args.rows, source=args.source, batch_sizes=args.batch_sizes,
+                            repeats=args.repeats, train_steps=args.train_steps,
+                            train_batch_size=args.train_batch_size, workers=args.workers, verbatim=args.verbatim,
+                            tmp_dir=args.tmp_dir, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert raw Criteo TSV (plain or gzip) to a TFRecord dataset with a manifest",
+        description="Convert raw Criteo click logs (label, 13 integer and 26 hex features, tab-separated; "
+                    "plain or gzip) into TFRecord shards and a manifest.json that train --data reads. "
+                    "Either --input with --format (split into days as the DLRM paper) or --train/--test "
+                    "(data already split).")
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", metavar="FILE",
+                   help="raw files split by days: Kaggle's train.txt (7 days by line count; days 1-6 train, "
+                        "day 7 held out) or Terabyte's day_0 .. day_23 (day 23 held out)")
+    g.add_argument("--format", choices=("kaggle", "terabyte"), default="kaggle",
+                   help="which day split --input gets (default: kaggle)")
+    g.add_argument("--train", nargs="+", metavar="FILE", help="data already split: the training file(s)")
+    g.add_argument("--val", nargs="+", metavar="FILE", help="data already split: validation file(s) (optional)")
+    g.add_argument("--test", nargs="+", metavar="FILE", help="data already split: the held-out file(s)")
+    g.add_argument("--halve-held-out", action="store_true",
+                   help="split the held-out day into val (first half) and test (second half), as the reference")
+    g = p.add_argument_group("mapping (pipelines/features.py)")
+    mapping = g.add_mutually_exclusive_group()
+    mapping.add_argument("--hash-buckets", type=positive_int,
+                         help="categorical id = 1 + (value mod N); 0 = missing (the reference's max-ind-range)")
+    mapping.add_argument("--min-frequency", type=positive_int,
+                         help="vocabulary of the values seen at least T times in the training split; rarer "
+                              "values share one id, missing has its own (default: T = 1)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="dataset directory to create (written atomically)")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--shuffle", action="store_true", help="shuffle the training split (bounded memory)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of --shuffle (default: 0)")
+    g.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                   help="a malformed row stops the conversion with its file and line (error, the default) or "
+                        "is counted and skipped (skip)")
+    g.add_argument("--rows-per-shard", type=positive_int, default=1 << 20,
+                   help="rows per TFRecord file (default: 1048576)")
+    g.add_argument("--rows-per-block", type=positive_int, default=4096,
+                   help="rows per TFRecord record (default: 4096)")
+    g.add_argument("--workers", type=positive_int, default=2, help="parsing threads (default: 2)")
+    progress = g.add_mutually_exclusive_group()
+    progress.add_argument("--progress", action="store_true", default=None,
+                          help="show the progress line even when stderr is not a terminal")
+    progress.add_argument("--quiet", dest="progress", action="store_false", help="no progress line")
+    p.set_defaults(func=cmd_convert)
+
+
+def add_bench_parser(sub):
+    p = sub.add_parser("bench", help="benchmarks that print figures: pipeline, parallel",
+                       description="Benchmarks that print figures.")
+    benches = p.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=Parser, required=True)
+    b = benches.add_parser(
+        "pipeline", help="converter and tf.data reader throughput on a few million Criteo rows",
+        description="Writes a raw Kaggle-format file (real rows from ../shared repeated, or generated rows), "
+                    "converts it (vocabulary and hashing), then reads the training split as training does, "
+                    "and prints rows/s. Everything happens in a temporary directory that is removed.")
+    b.add_argument("--rows", type=positive_int, default=2_000_000, help="rows of raw data (default: 2000000)")
+    b.add_argument("--source", help="raw Criteo file whose rows are repeated (default: ../shared "
+                                    "kaggle_split/train.txt, else generated rows)")
+    b.add_argument("--batch-sizes", type=int_list, default=[128, 1024, 4096],
+                   help="reader batch sizes (default: 128,1024,4096)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="reader epochs per batch size; the median "
+                                                                   "is reported (default: 3)")
+    b.add_argument("--verbatim", action="store_true",
+                   help="repeat the rows unchanged (default: each repetition permutes the digits 2-9 and the "
+                        "letters a-f, so vocabularies grow with the rows)")
+    b.add_argument("--train-steps", type=non_negative_int, default=0,
+                   help="also train the kaggle-preset DLRM this many steps and report examples/s (default: 0)")
+    b.add_argument("--train-batch-size", type=positive_int, default=128, help="batch size of --train-steps")
+    b.add_argument("--workers", type=positive_int, default=2, help="converter parsing threads (default: 2)")
+    b.add_argument("--tmp-dir", help="where the temporary directory goes (default: the system's)")
+    b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    b.set_defaults(func=cmd_bench_pipeline)
+    return benches
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m tfdlrm", description="DLRM and the DCN baseline in TensorFlow (tf_keras).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -323,8 +436,8 @@ def build_parser() -> Parser:
     add_model_args(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("bench", help="benchmarks: bench parallel")
-    bench = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser, required=True)
+    add_convert_parser(sub)
+    bench = add_bench_parser(sub)
     p = bench.add_parser("parallel", help="step time and bytes per device for 1, 2 and 4 devices",
                          description="Train a few steps on random data with --mode over each device count "
                                      "and report step time and embedding bytes per device. On a CPU the "

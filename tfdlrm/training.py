@@ -162,6 +162,10 @@ class TrainSpec:
     devices: Optional[int | str | list] = None
     parallel: Optional[str] = None
     budget: Optional[int | str] = None
+    # raw Criteo TSV given as data: where and how it is converted (pipelines/criteo.py)
+    cache_dir: Optional[str] = None
+    hash_buckets: Optional[int] = None
+    min_frequency: Optional[int] = None
 
     def check(self) -> "TrainSpec":
         if self.model not in MODEL_NAMES:
@@ -259,7 +263,8 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         parallel.configure_devices(spec.devices)  # before TensorFlow's runtime starts
     tf.keras.utils.set_random_seed(spec.seed)
     source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
-                       eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data)
+                       eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data,
+                       cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency)
     config = source.config
     out = prepare_out_dir(spec.out) if spec.out else None
 

@@ -1,0 +1,190 @@
+"""tf.data over a converted Criteo dataset (see ``pipelines/criteo.py`` for the layout).
+
+Each TFRecord record is a block of rows, raw little-endian int32 words, 40 a row.
+The pipeline never parses a row on its own::
+
+    shard files --TFRecordDataset--> block records --decode_raw--> int32 [rows, 40]
+        (training with a seed: shuffled file order, 4 files interleaved, a shuffle
+         buffer of blocks, then windows of rows permuted)
+        --bitcast/cast--> ({"dense", "sparse"}, label) per block or window
+        --rebatch(batch_size)--> the model's batches
+
+so the per-row cost is a memcpy or two, and per batch there is one slicing step.
+
+Shuffling (``seed`` given): the order of the shard files (when the split is not
+sharded over workers), 4 files read in turn, a shuffle buffer of
+``SHUFFLE_BLOCKS`` blocks (32 x 4096 rows), and a random permutation of the rows
+of each window of ``WINDOW_BLOCKS`` consecutive blocks.  Every epoch gets a new
+order, the same for the same seed.  A batch thus mixes rows from about 8 blocks
+drawn from ~130k rows of 4 files, not from the whole split: for data written in
+time order, convert with ``--shuffle`` (a full shuffle of the training split).
+
+Workers (``input_context`` with several input pipelines): blocks are dealt
+round-robin in file order (pipeline i keeps blocks i, i + n, ...), so the
+pipelines' rows are disjoint, cover the split, and differ in size by at most one
+block.  Every pipeline reads the files but decodes only its own blocks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import tensorflow as tf
+
+from pipelines.criteo import FORMAT_NAME, MANIFEST, ROW_WORDS, SCHEMA_VERSION
+from pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+from tfdlrm.errors import UserError
+
+SHUFFLE_BLOCKS = 32
+WINDOW_BLOCKS = 8
+READ_BUFFER = 4 << 20
+INTERLEAVE_FILES = 4
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a converted dataset, checked: format, version, and its files present."""
+    return _load(Path(path))[0]
+
+
+def _load(root: Path) -> tuple[dict, bytes]:
+    file = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory (a converted Criteo dataset is a directory with {MANIFEST})")
+    if not file.is_file():
+        raise UserError(f"{root} is not a converted Criteo dataset: {MANIFEST} not found "
+                        f"(convert raw files with `python -m tfdlrm convert`)")
+    try:
+        raw = file.read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file} is unreadable: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise UserError(f"{file} is not a tfdlrm Criteo manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{root} has schema version {version}; this tfdlrm reads version {SCHEMA_VERSION} "
+                        f"(convert the raw files again)")
+    try:
+        record = manifest["record"]
+        if record["bytes_per_row"] != 4 * ROW_WORDS or record["byte_order"] != "little":
+            raise UserError(f"{root}: unsupported record layout {record}")
+        if len(manifest["table_sizes"]) != NUM_CATEGORICAL:
+            raise UserError(f"{root}: manifest has {len(manifest['table_sizes'])} table sizes, "
+                            f"expected {NUM_CATEGORICAL}")
+        for split, info in manifest["splits"].items():
+            for entry in info["files"]:
+                shard = root / entry["path"]
+                if not shard.is_file():
+                    raise UserError(f"{root} is damaged: {entry['path']} (of the {split} split) is missing")
+                if shard.stat().st_size != entry["bytes"]:
+                    raise UserError(f"{root} is damaged: {entry['path']} has {shard.stat().st_size:,} bytes, "
+                                    f"the manifest says {entry['bytes']:,}")
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{file} is incomplete or damaged (missing {e})") from None
+    return manifest, raw
+
+
+def decode_block(record: tf.Tensor) -> tf.Tensor:
+    """One record -> int32 [rows, 40]."""
+    return tf.reshape(tf.io.decode_raw(record, tf.int32, little_endian=True), [-1, ROW_WORDS])
+
+
+def to_batch(rows: tf.Tensor):
+    """int32 [batch, 40] -> ``({"dense": float32 [batch, 13], "sparse": int64 [batch, 26]}, float32 [batch, 1])``."""
+    label = tf.bitcast(rows[:, :1], tf.float32)
+    dense = tf.bitcast(rows[:, 1:1 + NUM_DENSE], tf.float32)
+    sparse = tf.cast(rows[:, 1 + NUM_DENSE:], tf.int64)
+    return {"dense": dense, "sparse": sparse}, label
+
+
+class CriteoDataset:
+    """A converted dataset directory: its manifest, and tf.data pipelines over its splits."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        self.manifest, raw = _load(self.path)
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        self.table_sizes = tuple(int(n) for n in self.manifest["table_sizes"])
+        self.rows_per_block = int(self.manifest["record"]["rows_per_block"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.manifest["splits"])
+
+    def rows(self, split: str) -> int:
+        return int(self._split(split)["rows_written"])
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.manifest["splits"][split]
+        except KeyError:
+            raise UserError(f"{self.path} has no {split!r} split (it has: {', '.join(self.splits)})") from None
+
+    def _block_rows(self, split: str) -> list[int]:
+        """Rows of every block of the split, in file order."""
+        sizes = []
+        for entry in self._split(split)["files"]:
+            full, rest = divmod(entry["rows"], self.rows_per_block)
+            sizes += [self.rows_per_block] * full + ([rest] if rest else [])
+        return sizes
+
+    def dataset(self, split: str, batch_size: int, seed: Optional[int] = None, start_batch: int = 0,
+                input_context: Optional[tf.distribute.InputContext] = None,
+                deterministic: bool = True) -> tf.data.Dataset:
+        """Batches of ``split``: shuffled by ``seed`` (None: file order), starting at batch
+        ``start_batch``, only this input pipeline's blocks under ``input_context``."""
+        if batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        info = self._split(split)
+        paths = [str(self.path / entry["path"]) for entry in info["files"]]
+        pipelines, index = 1, 0
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            pipelines, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+        blocks = self._block_rows(split)[index::pipelines]
+        rows = sum(blocks)
+        if rows == 0:
+            raise UserError(f"input pipeline {index} of {pipelines} gets no rows of the {split} split "
+                            f"({len(self._block_rows(split))} blocks): use fewer workers or smaller blocks")
+        batches = math.ceil(rows / batch_size)
+        if not 0 <= start_batch <= batches:
+            raise UserError(f"start batch {start_batch} is outside the {batches} batches of the {split} split")
+
+        if seed is not None and pipelines == 1 and len(paths) > 1:
+            # Sharded pipelines keep the file order: dealing blocks round-robin over a
+            # fixed order is what keeps their rows disjoint and their sizes known.
+            files = tf.data.Dataset.from_tensor_slices(paths).shuffle(
+                len(paths), seed=seed, reshuffle_each_iteration=True)
+            records = files.interleave(
+                lambda p: tf.data.TFRecordDataset(p, buffer_size=READ_BUFFER),
+                cycle_length=min(len(paths), INTERLEAVE_FILES), block_length=1,
+                num_parallel_calls=min(len(paths), INTERLEAVE_FILES), deterministic=True)
+        else:
+            records = tf.data.TFRecordDataset(paths, buffer_size=READ_BUFFER)
+        if pipelines > 1:
+            records = records.shard(pipelines, index)
+        data = records.map(decode_block, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        if seed is not None:
+            data = data.shuffle(SHUFFLE_BLOCKS, seed=seed, reshuffle_each_iteration=True)
+            window = WINDOW_BLOCKS * self.rows_per_block
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            data = tf.data.Dataset.zip((data.rebatch(window), seeds)).map(
+                lambda rows, s: to_batch(_permute(rows, s)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=deterministic)
+        else:
+            data = data.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        # Parsed per block or window above; per batch only the slicing of rebatch remains.
+        data = data.rebatch(batch_size)
+        data = data.apply(tf.data.experimental.assert_cardinality(batches))
+        if start_batch:
+            data = data.skip(start_batch)
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        return data.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _permute(rows: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.stateless_shuffle(rows, seed=seed)
