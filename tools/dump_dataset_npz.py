@@ -1,0 +1,47 @@
+"""Write a Criteo dataset's train and held-out splits, as tfdlrm's reader yields them, to .npz.
+
+Usage: .venv/bin/python tools/dump_dataset_npz.py DATA [--eval-data HELDOUT] [--min-frequency T |
+       --hash-buckets N] --out FILE.npz
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+import tfdlrm  # noqa: E402,F401  (before tensorflow)
+from pipelines.sources import open_data  # noqa: E402
+from tfdlrm.presets import get_preset  # noqa: E402
+
+
+def collect(dataset):
+    dense, sparse, labels = [], [], []
+    for x, y in dataset:
+        dense.append(x["dense"].numpy())
+        sparse.append(x["sparse"].numpy())
+        labels.append(y.numpy())
+    return np.concatenate(dense), np.concatenate(sparse), np.concatenate(labels)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("--eval-data")
+    p.add_argument("--min-frequency", type=int)
+    p.add_argument("--hash-buckets", type=int)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    source = open_data(args.data, get_preset("kaggle"), eval_data=args.eval_data,
+                       min_frequency=args.min_frequency, hash_buckets=args.hash_buckets)
+    train = collect(source.train_dataset(4096))  # no seed: file order
+    held_out = collect(source.eval_dataset(4096))
+    np.savez(args.out, tr_dense=train[0], tr_sparse=train[1], tr_y=train[2],
+             te_dense=held_out[0], te_sparse=held_out[1], te_y=held_out[2], rows=np.array(source.config.table_rows))
+    print(f"{args.out}: {len(train[2])} train, {len(held_out[2])} held-out rows, "
+          f"{sum(source.config.table_rows):,} table rows")
+
+
+if __name__ == "__main__":
+    main()
