@@ -131,12 +131,19 @@ def _assert_matches(outputs: dict, name: str, expected: dict, signatures) -> Non
             assert diff <= TOLERANCE, f"{name} {signature} {key}: max abs difference {diff}"
 
 
-def test_exports_serve_in_a_tensorflow_only_process_as_the_model_predicts(exports, tmp_path):
+def test_exports_serve_in_a_tensorflow_only_process_as_the_model_predicts(exports, datasets, tmp_path):
     ids_file = tmp_path / "ids.npz"
     synthetic_inputs = exports["synthetic"]["expected"]
     np.savez(ids_file, dense=synthetic_inputs["dense"], sparse=synthetic_inputs["sparse"])
     requests = {name: (e["export"].path, ids_file if name == "synthetic" else None) for name, e in exports.items()}
-    result, outputs = _serve_in_fresh_process(tmp_path, requests)
+    hidden = {path: path.with_name(path.name + ".hidden") for path in datasets.values()}
+    for path, away in hidden.items():  # the exports must not need the datasets (vocabularies are assets)
+        path.rename(away)
+    try:
+        result, outputs = _serve_in_fresh_process(tmp_path, requests)
+    finally:
+        for path, away in hidden.items():
+            away.rename(path)
     assert result["forbidden"] == []  # loading and calling needed TensorFlow only
     for name in ("dlrm", "dcn", "dcn-v2"):
         assert result["signatures"][name] == ["examples", "ids", "serving_default", "transform"]
@@ -520,5 +527,36 @@ def test_bench_serving_prints_latency_and_throughput(exports, tmp_path):
     assert result["saved_model"].endswith("/1") and result["signature"] == "serving_default"
     assert result["batch_1"]["requests"] == 20 and 0 < result["batch_1"]["median_ms"] <= result["batch_1"]["p99_ms"]
     assert result["batch_64"]["rows_per_second"] > 0
-    proc = run_cli("bench", "serving", str(tmp_path / "nothing"))
-    assert_clean_error(proc, "nothing not found")
+
+
+def test_bench_serving_names_what_it_cannot_bench(exports, tmp_path, capsys):
+    from tfdlrm.cli import main
+
+    for argv, fragment in ((["bench", "serving", str(tmp_path / "nothing")], "nothing not found"),
+                           (["bench", "serving", str(tmp_path)], "holds no SavedModel"),
+                           (["bench", "serving", str(exports["synthetic"]["export"].path), "--signature", "examples"],
+                            "has no signature 'examples'; it has: ids, serving_default")):
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert_clean_error(subprocess.CompletedProcess(argv, code, captured.out, captured.err), fragment)
+
+
+def test_multi_hot_models_export_an_ids_signature_of_bags(tmp_path):
+    """Random data's bags ([batch, tables, k] ids) through the ids signature."""
+    from tfdlrm.export import write_saved_model
+    from tfdlrm.presets import get_preset
+    from tfdlrm.training import build_model
+
+    config = get_preset("tiny", rows=50).replace(ids_per_lookup=3)
+    model = build_model("dlrm", config)
+    write_saved_model(tmp_path / "1", model, "dlrm")
+    loaded = tf.saved_model.load(str(tmp_path / "1"))
+    rng = np.random.default_rng(0)
+    dense = rng.random((5, 13), dtype=np.float32)
+    sparse = rng.integers(0, 50, (5, 26, 3))
+    got = loaded.signatures["serving_default"](dense=tf.constant(dense), sparse=tf.constant(sparse))
+    want = model({"dense": dense, "sparse": sparse}).numpy()
+    np.testing.assert_allclose(got["probability"].numpy(), want, atol=TOLERANCE, rtol=0)
+    sparse[2, 4, 1] = 50
+    with pytest.raises(tf.errors.InvalidArgumentError, match="feature C5 .* got id 50"):
+        loaded.signatures["ids"](dense=tf.constant(dense), sparse=tf.constant(sparse))

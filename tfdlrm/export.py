@@ -90,7 +90,6 @@ SIGNATURE_RAW = "serving_default"
 SIGNATURE_EXAMPLES = "examples"
 SIGNATURE_IDS = "ids"
 SIGNATURE_TRANSFORM = "transform"
-OUTPUTS = ("probability", "logit")
 ON_INVALID = "missing"
 WARMUP_BATCH_SIZES = (1, 16)
 
