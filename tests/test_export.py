@@ -481,7 +481,7 @@ def test_export_command_output(exports, tmp_path, capsys):
                                                                         "next free number, 2"]),
     (["export", "{dlrm}", "--out", "{tmp}/a-file"], ["cannot write exports to", "not a directory"]),
     (["export", "{dlrm}", "--out", "/proc/tfdlrm-exports"], ["cannot write exports to /proc/tfdlrm-exports"]),
-    (["export", "{moved}"], ["has no manifest.json (moved or deleted?)", "--dataset DIR"]),
+    (["export", "{moved}", "--out", "{tmp}/m"], ["has no manifest.json (moved or deleted?)", "--dataset DIR"]),
     (["export", "{dlrm}", "--dataset", "{hash}", "--out", "{tmp}/x"], ["not the manifest the run trained with"]),
     (["train", "--export"], ["--export needs --out"]),
     (["train", "--out", "{tmp}/r", "--export", "{tmp}/a-file"], ["cannot write exports to", "not a directory"]),
@@ -507,6 +507,7 @@ def test_bad_export_inputs_give_one_line_errors(exports, datasets, tmp_path, cap
     assert code == 2
     assert_clean_error(subprocess.CompletedProcess(argv, code, captured.out, captured.err), *fragments)
     assert not (tmp_path / "r").exists()  # train --export checks the destination before training
+    assert not (tmp_path / "m").exists() and not (tmp_path / "x").exists()  # no directory for a failed export
 
 
 @pytest.mark.parametrize("args, fragments", [

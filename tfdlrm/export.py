@@ -467,8 +467,10 @@ def default_base(model_name: str) -> Path:
 
 
 def check_destination(run_dir: str, out: Optional[str] = None, version: Optional[int] = None,
-                      force: bool = False, model_name: Optional[str] = None) -> tuple[Path, int]:
-    """Where an export of ``run_dir`` goes, ``(base, version)``, checked writable and free
+                      force: bool = False, model_name: Optional[str] = None, create: bool = True
+                      ) -> tuple[Path, int]:
+    """Where an export of ``run_dir`` goes, ``(base, version)``: the version free (or
+    ``force``) and, with ``create``, the base directory made and checked writable
     (``train --export`` calls this before training)."""
     if model_name is None:
         model_name = _read_run(Path(run_dir))["model"]
@@ -476,7 +478,8 @@ def check_destination(run_dir: str, out: Optional[str] = None, version: Optional
     if base.exists() and not base.is_dir():
         raise UserError(f"cannot write exports to {base}: not a directory")
     chosen = choose_version(base, version, force)
-    _prepare_base(base)
+    if create:
+        _prepare_base(base)
     return base, chosen
 
 
@@ -487,10 +490,11 @@ def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] =
 
     run = Path(run_dir)
     meta = _read_run(run)
-    base, chosen = check_destination(run_dir, out, version, force, meta["model"])
+    base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
     model, meta = load_run(run_dir)
     checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR)) or ""
     features, info = serving_features(meta, model.config, dataset)
+    _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
     info.update(run_dir=str(run.resolve()), checkpoint=str(Path(checkpoint).resolve()), version=chosen)
     extra_files = {RUN_FILE: (run / RUN_FILE).read_bytes()}
     if (run / METRICS_FILE).is_file():
