@@ -17,6 +17,9 @@ Dense transform
     2**24 round as float32 does), NaN = missing.  The result is
     ``float32(log1p(max(float64(x), 0)))``, and 0 for missing.  Computing in float64
     makes the float32 result independent of how a library vectorises ``log1p``.
+    Infinities are not counts: +inf and -inf are missing too (0), as NaN is, so a
+    request can never feed an infinite value to the model.  (Raw TSV integers have
+    at most 18 digits, so converted data never held one: this changes no dataset.)
 
 Categorical mapping, chosen at conversion and recorded in the manifest
     ``hash`` (``--hash-buckets N``): id 0 = missing, ``1 + (v mod N)`` for the value
@@ -28,7 +31,7 @@ Categorical mapping, chosen at conversion and recorded in the manifest
         the held-out split or at serving time), ids 2 .. K + 1 = the K values seen at
         least T times, in ascending order of value.  Table f has K_f + 2 rows.
 
-What a converted dataset keeps for the serving export (``serving_spec`` below)
+What a converted dataset keeps for the serving export (``tfdlrm/export.py``)
     * ``manifest.json`` key ``"mapping"``::
 
         {"categorical": "hash" | "vocabulary",
@@ -78,25 +81,26 @@ HASH_KINDS = ("hash", "vocabulary")
 VOCABULARY_DIR = "vocabulary"
 # Ids are stored as int32; a table must stay below that.
 MAX_TABLE_ROWS = 2**31 - 1
-DENSE_FORMULA = "float32(log1p(max(float64(float32(x)), 0))); missing (empty, NaN) -> 0"
+DENSE_FORMULA = "float32(log1p(max(float64(float32(x)), 0))); missing (empty, NaN, +-inf) -> 0"
 
 
 # -- dense ---------------------------------------------------------------------------
 def dense_transform(x):
     """Model dense input from raw counts: TensorFlow, graph-safe.
 
-    ``x``: float32 [..., 13] raw counts, NaN = missing.  Returns float32 of the same shape.
+    ``x``: float32 [..., 13] raw counts, NaN (or an infinity) = missing.  Returns
+    float32 of the same shape.
     """
     x = tf.convert_to_tensor(x, tf.float32)
     wide = tf.cast(x, tf.float64)
-    y = tf.math.log1p(tf.maximum(tf.where(tf.math.is_nan(wide), tf.zeros_like(wide), wide), 0.0))
+    y = tf.math.log1p(tf.maximum(tf.where(tf.math.is_finite(wide), wide, tf.zeros_like(wide)), 0.0))
     return tf.cast(y, tf.float32)
 
 
 def dense_transform_np(x: np.ndarray) -> np.ndarray:
     """The numpy twin of :func:`dense_transform` (the converter's)."""
     wide = np.asarray(x, np.float32).astype(np.float64)
-    wide[np.isnan(wide)] = 0.0
+    wide[~np.isfinite(wide)] = 0.0
     return np.log1p(np.maximum(wide, 0.0)).astype(np.float32)
 
 
@@ -373,3 +377,75 @@ class RawFeatures(tf.Module):
 
     def __call__(self, dense, categorical) -> dict:
         return {"dense": dense_transform(dense), "sparse": self.lookup(categorical)}
+
+
+# -- tf.Example: the raw-feature schema of serialized requests ---------------------------------
+# One tf.train.Example per raw row (what the serving export's ``examples`` signature
+# parses, and what a client builds with :func:`raw_example`):
+#
+#   I1 .. I13   float_list, at most one value: the raw count.  Missing: the feature
+#               absent, an empty list, or NaN (and, as for every request, +-inf;
+#               negative counts become 0 as in training).  Integers go in as floats
+#               (exact up to 2**24, as the float32 dense input); an int64_list is
+#               refused with TensorFlow's "Data types don't match" error.
+#   C1 .. C26   bytes_list, at most one value: the raw 8 hex digits (either case).
+#               Missing: the feature absent, an empty list, or b"".
+#   label       optional, any type, ignored (so logged training rows can be scored as
+#               they are); so is any other feature.
+#
+# More than one value in a feature fails the request with a "tfdlrm:" message.
+EXAMPLE_DENSE_DTYPE = tf.float32
+EXAMPLE_CATEGORICAL_DTYPE = tf.string
+
+
+def example_features_spec() -> dict:
+    """The ``tf.io.parse_example`` spec of the raw-feature schema (ragged: absent = empty)."""
+    spec = {name: tf.io.RaggedFeature(EXAMPLE_DENSE_DTYPE) for name in DENSE_NAMES}
+    spec.update({name: tf.io.RaggedFeature(EXAMPLE_CATEGORICAL_DTYPE) for name in CATEGORICAL_NAMES})
+    return spec
+
+
+def parse_raw_examples(serialized):
+    """Serialized raw-feature ``tf.Example`` protos -> the raw request inputs: TensorFlow, graph-safe.
+
+    ``serialized``: string [batch].  Returns ``(dense, categorical)``: float32
+    [batch, 13] raw counts with NaN where missing, and string [batch, 26] raw hex with
+    "" where missing, which :class:`RawFeatures` maps as it maps any request.
+    """
+    serialized = tf.convert_to_tensor(serialized, tf.string)
+    parsed = tf.io.parse_example(serialized, example_features_spec())
+    checks, columns = [], {}
+    for name in (*DENSE_NAMES, *CATEGORICAL_NAMES):
+        values = parsed[name]  # ragged [batch, None]
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all(values.row_lengths() <= 1),
+            [f"tfdlrm: tf.Example feature {name} must hold at most one value; an example has",
+             tf.reduce_max(values.row_lengths()), "values"]))
+        default = float("nan") if name in DENSE_NAMES else ""
+        columns[name] = values.to_tensor(default_value=default, shape=[None, 1])
+    with tf.control_dependencies(checks):
+        dense = tf.identity(tf.concat([columns[name] for name in DENSE_NAMES], axis=1))
+        categorical = tf.identity(tf.concat([columns[name] for name in CATEGORICAL_NAMES], axis=1))
+    return dense, categorical
+
+
+def raw_example(dense: Sequence, categorical: Sequence, label=None) -> "tf.train.Example":
+    """One raw row as a ``tf.train.Example`` in the schema above (a client's helper).
+
+    ``dense``: 13 counts, None or NaN for missing; ``categorical``: 26 hex strings
+    (str or bytes), "" or None for missing; ``label``: optional 0/1.
+    """
+    if len(dense) != NUM_DENSE or len(categorical) != NUM_CATEGORICAL:
+        raise ValueError(f"a raw row has {NUM_DENSE} dense and {NUM_CATEGORICAL} categorical values, "
+                         f"got {len(dense)} and {len(categorical)}")
+    feature = {}
+    if label is not None:
+        feature[LABEL_NAME] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
+    for name, x in zip(DENSE_NAMES, dense):
+        if x is not None and not np.isnan(float(x)):
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(x)]))
+    for name, value in zip(CATEGORICAL_NAMES, categorical):
+        if value:
+            data = value.encode() if isinstance(value, str) else bytes(value)
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    return tf.train.Example(features=tf.train.Features(feature=feature))

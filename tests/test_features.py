@@ -148,3 +148,33 @@ def test_raw_features_survive_a_savedmodel_round_trip(tmp_path):
     np.testing.assert_allclose(out["dense"].numpy()[0, :3], [math.log(4), 0, 0], rtol=1e-6)
     # values 0, 1, 2 were each seen >= 2 times in days 1-6: ids 2, 3, 4; 0xA never: the rare id
     assert out["sparse"].numpy()[0, :5].tolist() == [2, 4, 0, 1, 3]
+
+
+def test_infinite_counts_are_missing_in_both_twins():
+    x = np.array([[np.inf, -np.inf, np.nan, 3.0, -2.0]], np.float32)
+    np.testing.assert_array_equal(dense_transform_np(x), [[0, 0, 0, np.float32(math.log1p(3.0)), 0]])
+    np.testing.assert_array_equal(dense_transform(x).numpy(), dense_transform_np(x))
+
+
+def test_raw_examples_parse_back_into_the_raw_request_inputs():
+    """The tf.Example schema of the serving export: absent, empty and NaN are missing."""
+    from pipelines.features import parse_raw_examples, raw_example
+
+    dense = [[1, None, -3, 2.5, float("nan")] + [7] * 8, list(range(13))]
+    cats = [["2d4ea12b", "", None, "ABCDEF01", b"0000000a"] + ["zz"] * 21, ["%08x" % i for i in range(26)]]
+    serialized = [raw_example(d, c, label=i).SerializeToString() for i, (d, c) in enumerate(zip(dense, cats))]
+    empty_lists = tf.train.Example()
+    empty_lists.features.feature["I1"].float_list.SetInParent()
+    empty_lists.features.feature["C1"].bytes_list.SetInParent()
+    got_dense, got_cats = parse_raw_examples(tf.constant(serialized + [empty_lists.SerializeToString(), b""]))
+    want = np.array([[1, np.nan, -3, 2.5, np.nan] + [7] * 8, list(range(13))] + [[np.nan] * 13] * 2, np.float32)
+    np.testing.assert_array_equal(got_dense.numpy(), want)
+    assert got_cats.numpy()[0, :5].tolist() == [b"2d4ea12b", b"", b"", b"ABCDEF01", b"0000000a"]
+    assert got_cats.numpy()[1].tolist() == [b"%08x" % i for i in range(26)]
+    assert (got_cats.numpy()[2:] == b"").all()
+    example = tf.train.Example()
+    example.features.feature["I2"].float_list.value.extend([1.0, 2.0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="tfdlrm: tf.Example feature I2 must hold at most one"):
+        parse_raw_examples(tf.constant([example.SerializeToString()]))
+    with pytest.raises(ValueError, match="13 dense and 26 categorical"):
+        raw_example([1] * 12, [""] * 26)

@@ -218,7 +218,26 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
 def cmd_train(args: argparse.Namespace) -> int:
     from tfdlrm.training import train
 
+    export_base = None
+    if args.export is not None:
+        from tfdlrm.export import check_destination
+
+        if not args.out:
+            raise UserError("--export needs --out: it exports the run directory's last checkpoint")
+        # Before training: an unwritable destination should not cost a training run.
+        export_base, _ = check_destination(args.out, args.export or None, model_name=args.model)
     train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out))
+    if export_base is not None:
+        from tfdlrm.export import export_run
+
+        export_run(args.out, out=str(export_base), log=print)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tfdlrm.export import export_run
+
+    export_run(args.run_dir, out=args.out, version=args.version, force=args.force, dataset=args.dataset, log=print)
     return 0
 
 
@@ -313,6 +332,37 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.export import bench_serving, format_bench_serving
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    result = bench_serving(args.saved_model, signature=args.signature, requests=args.requests,
+                           batch_size=args.batch_size, batches=args.batches, model=args.model, preset=args.preset,
+                           rows=args.rows, log=log)
+    print(json.dumps(result, indent=2) if args.json else format_bench_serving(result))
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a training run as a SavedModel for TF Serving (raw features in, probability out)",
+        description="Export the last checkpoint of a training run (the --out of train) as a SavedModel in TF "
+                    "Serving's layout, BASE/<version>/: signatures serving_default (raw dense counts and hex "
+                    "categorical values), examples (serialized tf.Example), ids (mapped model inputs) and "
+                    "transform, with the Criteo mapping inside the graph and warm-up requests in assets.extra. "
+                    "See README, Serving.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (run.json, checkpoints/)")
+    p.add_argument("--out", metavar="BASE", help="base directory of the versions (default: saved_models/<model>)")
+    p.add_argument("--version", type=non_negative_int, help="version number (default: the next free one)")
+    p.add_argument("--force", action="store_true", help="replace the version if it exists")
+    p.add_argument("--dataset", metavar="DIR",
+                   help="the converted dataset the run trained on, if it has moved since (its manifest must be "
+                        "the one in run.json)")
+    p.set_defaults(func=cmd_export)
+
+
 def add_convert_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert raw Criteo TSV (plain or gzip) to a TFRecord dataset with a manifest",
@@ -359,7 +409,7 @@ def add_convert_parser(sub) -> None:
 
 
 def add_bench_parser(sub):
-    p = sub.add_parser("bench", help="benchmarks that print figures: pipeline, parallel",
+    p = sub.add_parser("bench", help="benchmarks that print figures: pipeline, parallel, serving",
                        description="Benchmarks that print figures.")
     benches = p.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=Parser, required=True)
     b = benches.add_parser(
@@ -384,6 +434,27 @@ def add_bench_parser(sub):
     b.add_argument("--tmp-dir", help="where the temporary directory goes (default: the system's)")
     b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     b.set_defaults(func=cmd_bench_pipeline)
+
+    b = benches.add_parser(
+        "serving", help="latency at batch 1 and throughput at batch 1024 of an exported SavedModel",
+        description="Load a SavedModel (an export of `python -m tfdlrm export`) and call one signature in this "
+                    "process: latency of single-row requests (median, p99) and rows/s at --batch-size. Without "
+                    "SAVED_MODEL, a freshly initialised model is exported into a temporary directory first.")
+    b.add_argument("saved_model", nargs="?", metavar="SAVED_MODEL",
+                   help="a version directory, or a base directory (its latest version)")
+    b.add_argument("--signature", default="serving_default",
+                   help="serving_default (default), examples or ids")
+    b.add_argument("--requests", type=positive_int, default=2000, help="timed batch-1 requests (default: 2000)")
+    b.add_argument("--batch-size", type=positive_int, default=1024, help="throughput batch size (default: 1024)")
+    b.add_argument("--batches", type=positive_int, default=30, help="timed large batches (default: 30)")
+    b.add_argument("--model", default="dlrm", choices=MODEL_CHOICES,
+                   help="without SAVED_MODEL: the model to export (default: dlrm)")
+    b.add_argument("--preset", default="kaggle", choices=PRESET_NAMES,
+                   help="without SAVED_MODEL: its preset (default: kaggle)")
+    b.add_argument("--rows", type=positive_int, default=100_000,
+                   help="without SAVED_MODEL: rows per table (default: 100000)")
+    b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    b.set_defaults(func=cmd_bench_serving)
     return benches
 
 
@@ -399,6 +470,9 @@ def build_parser() -> Parser:
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
     p.add_argument("--seed", type=non_negative_int, default=1, help="seed of initialisation and shuffling (default: 1)")
     p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json")
+    p.add_argument("--export", nargs="?", const="", metavar="BASE",
+                   help="after training, export the run for TF Serving to BASE/<next version> (default BASE: "
+                        "saved_models/<model>); needs --out")
     add_model_args(p)
     add_data_args(p)
     add_training_args(p)
@@ -437,6 +511,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_plan)
 
     add_convert_parser(sub)
+    add_export_parser(sub)
     bench = add_bench_parser(sub)
     p = bench.add_parser("parallel", help="step time and bytes per device for 1, 2 and 4 devices",
                          description="Train a few steps on random data with --mode over each device count "
