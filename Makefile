@@ -17,11 +17,12 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 install: $(VENV)/.installed
 
-# Trains DLRM and DCN on built-in synthetic data and prints them side by side.
+# Trains DLRM and DCN on built-in synthetic data, prints them side by side, and
+# exports each for TF Serving under saved_models/<model>/<version>/.
 demo: $(VENV)/.installed
 	$(PY) -m tfdlrm compare --models dlrm,dcn --data synthetic --preset kaggle --rows 20000 \
 	    --train-examples 300000 --eval-examples 50000 --epochs 1 --batch-size 256 \
-	    --optimizers adagrad --lr 0.02 --out runs/demo
+	    --optimizers adagrad --lr 0.02 --out runs/demo --export
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -113,3 +113,24 @@ def test_runs_must_share_data_and_budget():
 ])
 def test_compare_bad_input(args, fragments):
     assert_clean_error(run_cli(*args), *fragments)
+
+
+def test_export_best_exports_each_models_best_run_once(finished, tmp_path):
+    from tfdlrm.compare import export_best
+
+    out, report, _ = finished
+    logs = []
+    exports = export_best(report, str(tmp_path), log=logs.append)
+    assert sorted(e.model for e in exports) == ["dcn", "dlrm"]
+    for e in exports:
+        runs = [r for r in report.runs() if r["model"] == e.model]
+        best = max(runs, key=lambda r: r["auc"])
+        assert e.run_dir.endswith(f"{e.model}-adagrad-seed{best['seed']}")
+        assert (tmp_path / e.model / "1" / "saved_model.pb").is_file()
+    assert export_best(report, str(tmp_path), log=logs.append) == []  # same checkpoints: nothing new
+    assert sum("already exported" in line for line in logs) == 2
+    assert sorted(p.name for p in (tmp_path / "dlrm").iterdir()) == ["1"]
+
+
+def test_compare_export_needs_out():
+    assert_clean_error(run_cli("compare", "--export"), "--export needs --out")

@@ -247,9 +247,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points)
              for optimizer in args.optimizers for model in args.models for seed in args.seeds]
     command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in (argv_of(args)))
+    if args.export is not None and args.out is None:
+        raise UserError("--export needs --out: the runs it exports are kept there")
     report = compare(specs, out=args.out, retrain=args.retrain, command=command)
     print()
     print(format_table(report))
+    if args.export is not None:
+        from tfdlrm.compare import export_best
+
+        print()
+        export_best(report, args.export or None)
     return 0
 
 
@@ -490,6 +497,9 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=int_list, default=[1], help="comma-separated seeds (default: 1)")
     p.add_argument("--out", help="directory for report.json, report.md, curves.png and the per-model runs")
     p.add_argument("--retrain", action="store_true", help="train again runs whose results are already in --out")
+    p.add_argument("--export", nargs="?", const="", metavar="BASE",
+                   help="export each model's best run for TF Serving to BASE/<model>/<version> "
+                        "(default BASE: saved_models)")
     p.add_argument("--curve-points", type=non_negative_int, default=20,
                    help="points on each learning curve, each an exact held-out evaluation (default: 20; 0 = none)")
     add_model_args(p)

@@ -169,6 +169,44 @@ def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool
     return report
 
 
+# -- exporting the winners ------------------------------------------------------------------
+def export_best(report: Comparison, base: Optional[str] = None, log: Callable[[str], None] = print) -> list:
+    """Export each model's best run (highest held-out AUC over optimizers and seeds) for
+    TF Serving, to ``base/<model>/<version>`` (default ``saved_models/<model>/<version>``).
+
+    A model whose latest exported version came from the same checkpoint is not
+    exported again, so rerunning a finished comparison adds no versions.
+    """
+    from tfdlrm.export import EXPORT_INFO, EXTRA_DIR, default_base, export_run, versions
+    import tensorflow as tf
+
+    best: dict[str, tuple[float, TrainSpec]] = {}
+    for spec, result in zip(report.specs, report.results):
+        auc = result.evaluation.auc
+        if result.diverged or spec.out is None or not math.isfinite(auc):
+            continue
+        if spec.model not in best or auc > best[spec.model][0]:
+            best[spec.model] = (auc, spec)
+    exports = []
+    for model, (auc, spec) in best.items():
+        target = Path(base) / model if base else default_base(model)
+        checkpoint = tf.train.latest_checkpoint(str(Path(spec.out) / "checkpoints"))
+        existing = versions(target)
+        if existing and checkpoint:
+            info_path = target / str(existing[-1]) / EXTRA_DIR / EXPORT_INFO
+            try:
+                info = json.loads(info_path.read_text())
+            except (OSError, ValueError):
+                info = {}
+            if info.get("checkpoint") == str(Path(checkpoint).resolve()):
+                log(f"{model}: best run {run_dir_name(spec)} (AUC {auc:.4f}) is already exported as "
+                    f"{target / str(existing[-1])}")
+                continue
+        log(f"{model}: exporting its best run, {run_dir_name(spec)} (AUC {auc:.4f})")
+        exports.append(export_run(spec.out, out=str(target), log=log))
+    return exports
+
+
 # -- writing the report ------------------------------------------------------------------
 def write_report(report: Comparison, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
