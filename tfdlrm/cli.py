@@ -168,6 +168,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-optimizer", choices=OPTIMIZER_CHOICES,
                    help="optimizer for the embedding tables (default: --optimizer)")
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    g = p.add_argument_group("fault tolerance (see README, Fault tolerance)")
+    g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "
+                        "command resumes from the newest checkpoint")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic ops: the same seed gives bit-identical weights on this machine (slower)")
     add_parallel_args(p)
 
 
@@ -210,7 +216,8 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
         devices=args.devices, parallel=args.parallel, budget=args.budget,
-        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency, **extra,
+        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
+        checkpoint_every=args.checkpoint_every, deterministic=args.deterministic, **extra,
     )
 
 
@@ -218,7 +225,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
 def cmd_train(args: argparse.Namespace) -> int:
     from tfdlrm.training import train
 
-    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out))
+    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart))
     return 0
 
 
@@ -398,7 +405,10 @@ def build_parser() -> Parser:
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_CHOICES, help="optimizer (default: sgd)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
     p.add_argument("--seed", type=non_negative_int, default=1, help="seed of initialisation and shuffling (default: 1)")
-    p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json")
+    p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json; an unfinished run "
+                                 "there resumes, a finished one is not trained again")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the run in --out (checkpoints, logs, results) and train from scratch")
     add_model_args(p)
     add_data_args(p)
     add_training_args(p)
@@ -415,7 +425,9 @@ def build_parser() -> Parser:
                    help="learning rate, or one per optimizer: sgd=0.1,adagrad=0.02 (default: 0.1)")
     p.add_argument("--seeds", type=int_list, default=[1], help="comma-separated seeds (default: 1)")
     p.add_argument("--out", help="directory for report.json, report.md, curves.png and the per-model runs")
-    p.add_argument("--retrain", action="store_true", help="train again runs whose results are already in --out")
+    p.add_argument("--retrain", "--restart", action="store_true",
+                   help="train again, from scratch, runs whose results or checkpoints are already in --out "
+                        "(default: reuse finished runs, resume unfinished ones)")
     p.add_argument("--curve-points", type=non_negative_int, default=20,
                    help="points on each learning curve, each an exact held-out evaluation (default: 20; 0 = none)")
     add_model_args(p)
@@ -497,6 +509,23 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
     return None
 
 
+def os_error_message(error: OSError) -> str:
+    """``PATH: No space left on device``, or the like, in one line."""
+    from tfdlrm.errors import io_error_text
+
+    text = io_error_text(error)
+    return text if error.filename is not None else f"cannot read or write: {text}"
+
+
+def _quiet_stdout() -> None:
+    """After stdout failed (disk full, closed pipe), make the interpreter's final flush of it
+    silent instead of a second message."""
+    try:
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -507,9 +536,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command != "presets":
             import_tensorflow_quietly()
-        return args.func(args)
+        code = args.func(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # files: missing, unreadable, not writable, disk full
+        sys.stderr.write(f"error: {os_error_message(e)}\n")
+        if e.filename is None:  # likely stdout itself (a full disk, a closed pipe)
+            _quiet_stdout()
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -520,3 +554,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         sys.stderr.write(f"error: {text}\n")
         return EXIT_USAGE
+    try:
+        sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
+    except OSError as e:
+        sys.stderr.write(f"error: cannot write to standard output: {e.strerror or e}\n")
+        _quiet_stdout()
+        return EXIT_USAGE
+    return code
