@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cli_harness import run_main
 from conftest import REPO, assert_clean_error, run_cli
 from tfdlrm import checkpoints as ckpt
 from tfdlrm.errors import UserError
@@ -112,36 +113,25 @@ def test_a_run_crashed_mid_epoch_resumes_and_ends_like_an_uninterrupted_one(tmp_
     assert tf.train.latest_checkpoint(str(out / "checkpoints")).endswith("epoch-002")
 
 
-def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch, uninterrupted):
+def test_torn_and_damaged_checkpoints_are_passed_over_for_the_one_before(tmp_path, monkeypatch, uninterrupted):
     out = tmp_path / "run"
-    crash_while_saving(monkeypatch, "epoch-001")
+    crash_while_saving(monkeypatch, "epoch-001")  # killed while saving: files written, no record
     with pytest.raises(Crash):
         train(make_spec(out), log=lambda s: None)
     monkeypatch.undo()
     data = next((out / "checkpoints").glob("epoch-001.data-*"))
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # torn as well as unrecorded
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # and torn
     assert ckpt.CheckpointStore(out / "checkpoints").latest()["name"] == "step-00000014"
     assert tf.train.latest_checkpoint(str(out / "checkpoints")).endswith("step-00000014")
-    tf.keras.backend.clear_session()
-    lines = resume(out)
-    assert any("resuming from" in line and "step-00000014" in line and "epoch-001" in line for line in lines), lines
-    assert_same_run(uninterrupted, out)
-
-
-def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, monkeypatch, uninterrupted):
-    out = tmp_path / "run"
-    crash_after_saving(monkeypatch, "step-00000014")
-    with pytest.raises(Crash):
-        train(make_spec(out), log=lambda s: None)
-    monkeypatch.undo()
+    # step-14 is complete but its data damaged afterwards (same size): TensorFlow's checksums catch it
     data = next((out / "checkpoints").glob("step-00000014.data-*"))
     raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64 - i for i in range(64))  # same size, other bytes
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64 - i for i in range(64))
     data.write_bytes(bytes(raw))
     tf.keras.backend.clear_session()
     lines = resume(out)
     assert any("step-00000014" in line and "cannot be restored" in line for line in lines), lines
-    assert any("resuming from" in line and "step-00000007" in line for line in lines), lines
+    assert any("resuming from" in line and "step-00000007" in line and "epoch-001" in line for line in lines), lines
     assert_same_run(uninterrupted, out)
 
 
@@ -210,10 +200,8 @@ def test_a_diverging_run_stops_at_the_step_and_never_checkpoints_nan(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", "dcn", "--optimizer", "sgd", "--lr", "1e4", "--train-examples", "4096",
             "--eval-examples", "1024", "--batch-size", "256", "--checkpoint-every", "1", "--out", str(out)]
-    from tfdlrm.cli import main
-
     for attempt in range(2):  # rerunning resumes from the last good checkpoint and diverges again
-        proc = run_main(main, args)
+        proc = run_main(args)
         assert_clean_error(proc, "training diverged", "at step", "last good checkpoint:", str(out / "checkpoints"))
         assert not (out / "metrics.json").exists()
     store = ckpt.CheckpointStore(out / "checkpoints")
@@ -223,26 +211,6 @@ def test_a_diverging_run_stops_at_the_step_and_never_checkpoints_nan(tmp_path):
         assert all(np.all(np.isfinite(t)) for t in tensors(store.prefix(record)).values() if t.dtype.kind == "f")
     model, _ = load_run(str(out))  # what an export would read
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
-
-
-class Completed:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def run_main(main, argv) -> Completed:
-    """``python -m tfdlrm ARGV`` in this process (TensorFlow is imported already)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    tf.keras.backend.clear_session()
-    return Completed(code, out.getvalue(), err.getvalue())
 
 
 # -- real processes: SIGKILL and rerun, and two runs of one seed ---------------------------------------------------------

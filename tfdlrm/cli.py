@@ -8,6 +8,7 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ MODEL_CHOICES = ("dlrm", "dcn", "dcn-v2")
 OPTIMIZER_CHOICES = ("sgd", "adagrad", "adam")
 PARALLEL_CHOICES = ("none", "hybrid", "mirrored", "ps")
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
 
 
 class Parser(argparse.ArgumentParser):
@@ -517,13 +519,41 @@ def os_error_message(error: OSError) -> str:
     return text if error.filename is not None else f"cannot read or write: {text}"
 
 
-def _quiet_stdout() -> None:
-    """After stdout failed (disk full, closed pipe), make the interpreter's final flush of it
-    silent instead of a second message."""
-    try:
-        sys.stdout = open(os.devnull, "w")
-    except OSError:
-        pass
+class StdoutError(OSError):
+    """Writing to standard output failed (a full disk, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: its write errors become :class:`StdoutError`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _quiet_stdout(stream):
+    """After stdout failed, a stand-in for it, so that the interpreter's last flush stays silent
+    (the one line already said what happened)."""
+    if stream is sys.__stdout__:
+        try:
+            return open(os.devnull, "w")
+        except OSError:
+            pass
+    return stream
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -533,17 +563,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
         if args.command != "presets":
             import_tensorflow_quietly()
         code = args.func(args)
+        sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_USAGE
+    except StdoutError as e:
+        stdout = _quiet_stdout(stdout)
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly, as SIGPIPE would
+            return EXIT_BROKEN_PIPE
+        sys.stderr.write(f"error: cannot write to standard output: {e.strerror or e}\n")
+        return EXIT_USAGE
     except OSError as e:  # files: missing, unreadable, not writable, disk full
         sys.stderr.write(f"error: {os_error_message(e)}\n")
-        if e.filename is None:  # likely stdout itself (a full disk, a closed pipe)
-            _quiet_stdout()
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -554,10 +590,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         sys.stderr.write(f"error: {text}\n")
         return EXIT_USAGE
-    try:
-        sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
-    except OSError as e:
-        sys.stderr.write(f"error: cannot write to standard output: {e.strerror or e}\n")
-        _quiet_stdout()
-        return EXIT_USAGE
+    finally:
+        sys.stdout = stdout
     return code
