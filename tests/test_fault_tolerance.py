@@ -100,6 +100,13 @@ def test_a_run_crashed_mid_epoch_resumes_and_ends_like_an_uninterrupted_one(tmp_
         train(make_spec(out), log=lambda s: None)
     monkeypatch.undo()
     assert not (out / "metrics.json").exists()
+    record = json.loads((out / "checkpoints" / "step-00000007.json").read_text())
+    assert (record["kind"], record["step"], record["epoch"], record["batch"]) == ("step", 7, 0, 7)
+    assert record["data"] == {"position": 7, "batches_per_pass": 20, "pass": 0, "offset": 7, "seed": 1,
+                              "pass_seed": ckpt.pass_seed(1, 0)}
+    assert set(record["metrics"]) == {"loss", "auc", "logloss", "accuracy"}
+    assert record["model"] == "dlrm" and set(record["state"]) == {"clock", "curve"}
+    assert sorted(record["files"]) == ["step-00000007.data-00000-of-00001", "step-00000007.index"]
     tf.keras.backend.clear_session()
     lines = resume(out)
     assert any("resuming from" in line and "step-00000007" in line and "after batch 7" in line for line in lines)
@@ -133,6 +140,35 @@ def test_torn_and_damaged_checkpoints_are_passed_over_for_the_one_before(tmp_pat
     assert any("step-00000014" in line and "cannot be restored" in line for line in lines), lines
     assert any("resuming from" in line and "step-00000007" in line and "epoch-001" in line for line in lines), lines
     assert_same_run(uninterrupted, out)
+
+
+def test_resuming_on_converted_criteo_data_across_passes(tmp_path, monkeypatch):
+    """Shuffled shards, interleaving and row windows of the reader; epochs of 7 steps over
+    passes of 16 batches, so the crash (step 18) is in the second pass and the third epoch."""
+    from criteo_rows import numbered_lines, write_lines
+    from pipelines.criteo import ConvertSpec, convert
+
+    train_file = write_lines(tmp_path / "train.txt", numbered_lines(2000))
+    test_file = write_lines(tmp_path / "test.txt", numbered_lines(400, start=2000))
+    convert(ConvertSpec(out=str(tmp_path / "data"), train=[str(train_file)], test=[str(test_file)],
+                        hash_buckets=200, rows_per_block=64, rows_per_shard=500, progress=False), log=lambda s: None)
+    settings = dict(data=str(tmp_path / "data"), batch_size=128, epochs=3, steps_per_epoch=7, checkpoint_every=3,
+                    curve_points=0)
+    train(make_spec(tmp_path / "uninterrupted", **settings), log=lambda s: None)
+    tf.keras.backend.clear_session()
+    out = tmp_path / "crashed"
+    crash_after_saving(monkeypatch, "step-00000018")
+    with pytest.raises(Crash):
+        train(make_spec(out, **settings), log=lambda s: None)
+    monkeypatch.undo()
+    tf.keras.backend.clear_session()
+    train(make_spec(out, **settings), log=lambda s: None)
+    record = json.loads((out / "checkpoints" / "epoch-003.json").read_text())
+    assert record["extra"]["resumed_from"] == [{"checkpoint": "step-00000018", "step": 18}]
+    assert_same_tensors(tensors(tmp_path / "uninterrupted" / "checkpoints" / "epoch-003"),
+                        tensors(out / "checkpoints" / "epoch-003"))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "uninterrupted", out))
+    assert a["evaluation"] == b["evaluation"] and a["history"] == b["history"]
 
 
 def test_the_store_counts_only_complete_checkpoints(tmp_path):

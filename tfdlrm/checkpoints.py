@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -127,7 +127,7 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = getattr(error, "message", None) or str(error) or type(error).__name__
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
@@ -492,7 +492,7 @@ def open_run(out: Path, asked: dict, *, restart: bool, total_steps: int, spec_de
         saved = json.loads(run_path.read_text())
         saved_epochs = int(saved["spec"]["epochs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{run_path} is unreadable ({_first_line(e)}): use another --out, or --restart to "
+        raise UserError(f"{run_path} is unreadable ({first_line(e)}): use another --out, or --restart to "
                         f"discard the run") from None
     differences = settings_differences(saved, asked, spec_defaults)
     if differences:
@@ -504,7 +504,7 @@ def open_run(out: Path, asked: dict, *, restart: bool, total_steps: int, spec_de
         try:
             metrics = json.loads(metrics_path.read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"{metrics_path} is unreadable ({_first_line(e)}): --restart trains the run "
+            raise UserError(f"{metrics_path} is unreadable ({first_line(e)}): --restart trains the run "
                             f"again") from None
         if metrics.get("diverged"):
             raise UserError(f"{out} diverged earlier ({metrics['diverged']}); --restart trains it again")
@@ -512,9 +512,8 @@ def open_run(out: Path, asked: dict, *, restart: bool, total_steps: int, spec_de
             return RunStatus(store, finished=metrics)
     good, _ = store.scan()
     if good and good[-1]["step"] > total_steps:
-        raise UserError(f"{out} has trained {good[-1]['step']:,} steps ({saved_epochs} epoch(s) asked then), "
-                        f"more than --epochs {epochs} takes ({total_steps:,} steps): raise --epochs, or "
-                        f"--restart to train again")
+        raise UserError(f"{out} has trained {good[-1]['step']:,} steps, more than --epochs {epochs} takes "
+                        f"({total_steps:,} steps): raise --epochs, or --restart to train again")
     if good:
         identity = {"model": good[-1].get("model"), "config": good[-1].get("config")}
         differences = settings_differences(identity, {"model": asked["model"], "config": asked["config"]})

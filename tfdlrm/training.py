@@ -440,7 +440,7 @@ def resume(model: tf.keras.Model, status: "ckpt.RunStatus", log: Callable[[str],
         try:
             store.restore(model, record)
         except (tf.errors.OpError, ValueError, AssertionError) as e:
-            log(f"checkpoint {store.prefix(record)} cannot be restored ({ckpt._first_line(e)}); "
+            log(f"checkpoint {store.prefix(record)} cannot be restored ({ckpt.first_line(e)}); "
                 f"trying the one before")
             continue
         dropped = store.discard_after(record)
