@@ -88,6 +88,9 @@ ROWS = [
      ["--eval-data file not found"], {}),
     # -- train: output
     ("train/out-under-a-file", ["train", *TINY, "--out", "{file}/run"], ["cannot write to output directory"], {}),
+    ("train/out-is-a-file", ["train", *TINY, "--out", "{file}"], ["cannot write to output directory", "a-file"], {}),
+    ("train/cache-dir-not-writable", ["train", "--data", "{raw}", "--cache-dir", "{file}/cache"],
+     ["cannot create the cache directory"], {}),
     ("train/out-read-only-fs", ["train", *TINY, "--out", "/proc/tfdlrm-run"],
      ["cannot write to output directory /proc/tfdlrm-run"], {}),
     ("train/disk-full", ["train", *TINY, "--out", "{tmp}/run"], ["cannot write checkpoint", "File too large"],
