@@ -123,7 +123,10 @@ def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_si
     try:
         raw = work / "train.txt"
         start = time.perf_counter()
-        what = write_raw(raw, rows, src, verbatim)
+        try:
+            what = write_raw(raw, rows, src, verbatim)
+        except OSError as e:  # a full disk
+            raise UserError(f"cannot write the raw rows to {raw}: {e.strerror or e}") from None
         log(f"raw data: {rows:,} rows ({raw.stat().st_size / 1e6:,.0f} MB) of {what}; "
             f"written in {time.perf_counter() - start:.1f} s")
         result = {"rows": rows, "raw_bytes": raw.stat().st_size, "raw_rows": what,

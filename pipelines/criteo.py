@@ -73,7 +73,7 @@ from pipelines.features import (CATEGORICAL_NAMES, DENSE_NAMES, LABEL_NAME, NUM_
                                 NUM_FIELDS, CategoricalMapping, check_hash_buckets, check_min_frequency,
                                 dense_transform_np)
 from pipelines.tsv import BAD_KINDS, ChunkReader, check_input, count_lines, explain_line, is_gzip, parse_chunk
-from tfdlrm.errors import UserError
+from tfdlrm.errors import UserError, io_error_text
 
 FORMAT_NAME = "tfdlrm.criteo"
 SCHEMA_VERSION = 1
@@ -633,8 +633,10 @@ def convert(spec: ConvertSpec, log: Callable[[str], None] = print) -> Conversion
         mapping.save_vocabulary(partial)
         (partial / MANIFEST).write_text(manifest_json(manifest))
         _replace(partial, out, spec.overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__module__.startswith("tensorflow"):  # a disk full, a file gone
+            raise UserError(f"cannot convert into {out}: {io_error_text(e)} (nothing was written to {out})") from None
         raise
     seconds = time.perf_counter() - t0
     rows_read = sum(s["rows_read"] for s in manifest["splits"].values())

@@ -8,6 +8,7 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ MODEL_CHOICES = ("dlrm", "dcn", "dcn-v2")
 OPTIMIZER_CHOICES = ("sgd", "adagrad", "adam")
 PARALLEL_CHOICES = ("none", "hybrid", "mirrored", "ps")
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
 
 
 class Parser(argparse.ArgumentParser):
@@ -168,6 +170,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-optimizer", choices=OPTIMIZER_CHOICES,
                    help="optimizer for the embedding tables (default: --optimizer)")
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    g = p.add_argument_group("fault tolerance (see README, Fault tolerance)")
+    g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "
+                        "command resumes from the newest checkpoint")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic ops: the same seed gives bit-identical weights on this machine (slower)")
     add_parallel_args(p)
 
 
@@ -210,7 +218,8 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
         devices=args.devices, parallel=args.parallel, budget=args.budget,
-        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency, **extra,
+        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
+        checkpoint_every=args.checkpoint_every, deterministic=args.deterministic, **extra,
     )
 
 
@@ -226,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--export needs --out: it exports the run directory's last checkpoint")
         # Before training: an unwritable destination should not cost a training run.
         export_base, _ = check_destination(args.out, args.export or None, model_name=args.model)
-    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out))
+    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart))
     if export_base is not None:
         from tfdlrm.export import export_run
 
@@ -476,7 +485,10 @@ def build_parser() -> Parser:
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_CHOICES, help="optimizer (default: sgd)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
     p.add_argument("--seed", type=non_negative_int, default=1, help="seed of initialisation and shuffling (default: 1)")
-    p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json")
+    p.add_argument("--out", help="run directory: run.json, checkpoints/, logs/, metrics.json; an unfinished run "
+                                 "there resumes, a finished one is not trained again")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the run in --out (checkpoints, logs, results) and train from scratch")
     p.add_argument("--export", nargs="?", const="", metavar="BASE",
                    help="after training, export the run for TF Serving to BASE/<next version> (default BASE: "
                         "saved_models/<model>); needs --out")
@@ -496,7 +508,9 @@ def build_parser() -> Parser:
                    help="learning rate, or one per optimizer: sgd=0.1,adagrad=0.02 (default: 0.1)")
     p.add_argument("--seeds", type=int_list, default=[1], help="comma-separated seeds (default: 1)")
     p.add_argument("--out", help="directory for report.json, report.md, curves.png and the per-model runs")
-    p.add_argument("--retrain", action="store_true", help="train again runs whose results are already in --out")
+    p.add_argument("--retrain", "--restart", action="store_true",
+                   help="train again, from scratch, runs whose results or checkpoints are already in --out "
+                        "(default: reuse finished runs, resume unfinished ones)")
     p.add_argument("--export", nargs="?", const="", metavar="BASE",
                    help="export each model's best run for TF Serving to BASE/<model>/<version> "
                         "(default BASE: saved_models)")
@@ -582,6 +596,51 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
     return None
 
 
+def os_error_message(error: OSError) -> str:
+    """``PATH: No space left on device``, or the like, in one line."""
+    from tfdlrm.errors import io_error_text
+
+    text = io_error_text(error)
+    return text if error.filename is not None else f"cannot read or write: {text}"
+
+
+class StdoutError(OSError):
+    """Writing to standard output failed (a full disk, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: its write errors become :class:`StdoutError`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _quiet_stdout(stream):
+    """After stdout failed, a stand-in for it, so that the interpreter's last flush stays silent
+    (the one line already said what happened)."""
+    if stream is sys.__stdout__:
+        try:
+            return open(os.devnull, "w")
+        except OSError:
+            pass
+    return stream
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -589,12 +648,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
         if args.command != "presets":
             import_tensorflow_quietly()
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except StdoutError as e:
+        stdout = _quiet_stdout(stdout)
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly, as SIGPIPE would
+            return EXIT_BROKEN_PIPE
+        sys.stderr.write(f"error: cannot write to standard output: {e.strerror or e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # files: missing, unreadable, not writable, disk full
+        sys.stderr.write(f"error: {os_error_message(e)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -605,3 +675,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         sys.stderr.write(f"error: {text}\n")
         return EXIT_USAGE
+    finally:
+        sys.stdout = stdout
+    return code

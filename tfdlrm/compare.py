@@ -10,7 +10,8 @@ and optimizer differ.  ``--out DIR`` receives::
     curves.png    training and held-out accuracy and log loss against examples seen
 
 A run whose ``metrics.json`` already holds results for the same settings is not
-trained again (the comparison resumes); ``retrain=True`` forces it.  A run directory
+trained again, and one killed part way resumes from its newest checkpoint (the
+comparison resumes); ``retrain=True`` trains every run again from scratch.  A run directory
 holding results of *other* settings is refused rather than silently mixed in.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from tfdlrm.callbacks import TrainingDiverged
-from tfdlrm.errors import UserError
+from tfdlrm.errors import UserError, io_error_text
 from tfdlrm.metrics import Evaluation
 from tfdlrm.training import METRICS_FILE, RUN_FILE, RunResult, TrainSpec, train, write_json
 
@@ -101,9 +102,13 @@ def run_dir_name(spec: TrainSpec) -> str:
     return f"{spec.model}-{spec.optimizer}-seed{spec.seed}"
 
 
+# Spec fields that do not change a finished run's results.
+NOT_RESULTS = ("out", "verbose", "checkpoint_every", "deterministic", "restart")
+
+
 def _same_settings(saved: dict, spec: TrainSpec) -> list[str]:
-    mine = {k: v for k, v in spec.to_dict().items() if k not in ("out", "verbose")}
-    theirs = {k: v for k, v in saved.items() if k not in ("out", "verbose")}
+    mine = {k: v for k, v in spec.to_dict().items() if k not in NOT_RESULTS}
+    theirs = {k: v for k, v in saved.items() if k not in NOT_RESULTS}
     mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
     return [f"{k}: saved {theirs.get(k)!r}, asked {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
 
@@ -150,6 +155,7 @@ def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool
         label = f"{spec.model} ({spec.optimizer}, lr {spec.lr}, seed {spec.seed})"
         if out is not None:
             spec.out = str(Path(out) / "runs" / run_dir_name(spec))
+            spec.restart = retrain  # else train() resumes a run that was killed part way
             finished = None if retrain else load_finished(Path(spec.out), spec)
             if finished is not None:
                 log(f"\n== {label}: finished earlier, reusing {spec.out} (--retrain to train again)")
@@ -164,7 +170,10 @@ def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool
     teacher = next((r.teacher_auc for r in results if r.teacher_auc is not None), None)
     report = Comparison(specs, results, teacher, command)
     if out is not None:
-        write_report(report, Path(out))
+        try:
+            write_report(report, Path(out))
+        except OSError as e:
+            raise UserError(f"cannot write the report in {out}: {io_error_text(e)}") from None
         log(f"\nreport: {Path(out) / REPORT_MD}, {Path(out) / REPORT_JSON}, {Path(out) / CURVES_PNG}")
     return report
 

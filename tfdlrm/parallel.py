@@ -546,6 +546,29 @@ def ps_table_scope():
         yield
 
 
+def check_tf_config() -> dict:
+    """``TF_CONFIG`` parsed and checked (a cluster of ``host:port`` lists, and a task in it)."""
+    import json
+
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+    except ValueError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON: {e}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(v, list) and all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
+        raise UserError('TF_CONFIG needs a "cluster": {"job": ["host:port", ...], ...}')
+    task = config.get("task")
+    if isinstance(task, dict) and "type" in task:
+        kind, index = task.get("type"), task.get("index", 0)
+        if kind not in cluster and kind != "chief":
+            raise UserError(f"TF_CONFIG's task type {kind!r} is not a job of its cluster ({', '.join(cluster)})")
+        if kind in cluster and not (isinstance(index, int) and 0 <= index < len(cluster[kind])):
+            raise UserError(f"TF_CONFIG's task index {index!r} is outside its {kind!r} job "
+                            f"({len(cluster[kind])} task(s))")
+    return config
+
+
 def cluster_from_tf_config(cluster_resolver=None):
     """The cluster resolver for ``--parallel ps``: ``TF_CONFIG``'s, unless one is given."""
     import tensorflow as tf
@@ -553,6 +576,7 @@ def cluster_from_tf_config(cluster_resolver=None):
     if cluster_resolver is None:
         if not os.environ.get("TF_CONFIG"):
             raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see README, Parallelism)")
+        check_tf_config()
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     jobs = cluster_resolver.cluster_spec().as_dict()
     if not jobs.get("ps") or not jobs.get("worker"):
@@ -579,14 +603,20 @@ def run_server(cluster_resolver=None) -> None:
     if cluster_resolver is None:
         if not os.environ.get("TF_CONFIG"):
             raise UserError("tfdlrm server needs TF_CONFIG naming the cluster and this task (see README)")
+        check_tf_config()
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     task_type, task_id = cluster_resolver.task_type, cluster_resolver.task_id
     if task_type not in ("worker", "ps"):
         raise UserError(f"tfdlrm server runs a 'worker' or 'ps' task; TF_CONFIG's task is {task_type!r} "
                         f"(the chief runs tfdlrm train --parallel ps)")
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
-    server = tf.distribute.Server(cluster_resolver.cluster_spec(), job_name=task_type, task_index=task_id,
-                                  protocol=cluster_resolver.rpc_layer or "grpc", start=True)
+    try:
+        server = tf.distribute.Server(cluster_resolver.cluster_spec(), job_name=task_type, task_index=task_id,
+                                      protocol=cluster_resolver.rpc_layer or "grpc", start=True)
+    except tf.errors.OpError as e:  # a bad address, a port in use
+        from tfdlrm.errors import io_error_text
+
+        raise UserError(f"cannot start the {task_type} {task_id} server: {io_error_text(e)}") from None
     print(f"tfdlrm: {task_type} {task_id} serving at {server.target}", flush=True)
     server.join()
 

@@ -3,12 +3,16 @@
 A run directory (``--out``) holds::
 
     run.json          model name, full model config, data description, training spec
-    checkpoints/      TF checkpoints (model + optimizer slots), one per epoch
+    checkpoints/      TF checkpoints (model + optimizer slots) at each epoch end and every
+                      ``checkpoint_every`` steps, each with a record of where training stood
+                      (``tfdlrm/checkpoints.py``)
     logs/             TensorBoard event files
-    metrics.json      the final exact evaluation, throughput and parameter count
+    metrics.json      the final exact evaluation, throughput and parameter count (written last)
 
-``load_run(run_dir)`` rebuilds the model from ``run.json`` alone and restores the
-latest checkpoint: no command line needed.
+Training into a directory that holds an unfinished run of the same settings resumes it
+from its newest good checkpoint; a finished one is not trained again (``restart``
+discards it).  ``load_run(run_dir)`` rebuilds the model from ``run.json`` alone and
+restores the latest checkpoint: no command line needed.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdlrm.callbacks import LearningCurve, StopOnNonFinite, TrainingClock
+from tfdlrm import checkpoints as ckpt
 from tfdlrm.errors import UserError
 from tfdlrm.metrics import Evaluation, evaluate_predictions
 from tfdlrm.presets import ModelConfig, get_preset
@@ -33,6 +38,7 @@ OPTIMIZER_NAMES = ("sgd", "adagrad", "adam")
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LOGS_DIR = "logs"
 
 
 # -- models and optimizers ----------------------------------------------------------
@@ -166,6 +172,11 @@ class TrainSpec:
     cache_dir: Optional[str] = None
     hash_buckets: Optional[int] = None
     min_frequency: Optional[int] = None
+    # fault tolerance (tfdlrm/checkpoints.py): a checkpoint every N steps besides each epoch end;
+    # deterministic ops (tf.config.experimental.enable_op_determinism); discard the run in ``out``.
+    checkpoint_every: Optional[int] = None
+    deterministic: bool = False
+    restart: bool = False
 
     def check(self) -> "TrainSpec":
         if self.model not in MODEL_NAMES:
@@ -179,6 +190,14 @@ class TrainSpec:
             raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
         if self.rows is not None and self.rows <= 0:
             raise UserError(f"rows must be positive, got {self.rows}")
+        if self.checkpoint_every is not None:
+            if self.checkpoint_every <= 0:
+                raise UserError(f"checkpoint-every must be positive, got {self.checkpoint_every}")
+            if not self.out:
+                raise UserError("--checkpoint-every needs --out: the run directory its checkpoints go to")
+            if self.parallel == "ps":
+                raise UserError("--checkpoint-every needs batch-level callbacks, which Keras does not allow with "
+                                "--parallel ps; ps runs checkpoint at each epoch end")
         make_optimizer(self.optimizer, self.lr)
         if self.embedding_optimizer is not None or self.embedding_lr is not None:
             make_optimizer(self.embedding_optimizer or self.optimizer, self.embedding_lr or self.lr)
@@ -204,6 +223,7 @@ class RunResult:
     examples: int = 0
     curve: list = field(default_factory=list)
     diverged: Optional[str] = None
+    resumed_from: list = field(default_factory=list)  # checkpoints this run continued from, oldest first
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -226,8 +246,12 @@ def prepare_out_dir(path: str) -> Path:
 def write_json(path: Path, data: dict) -> None:
     """Write strict JSON (NaN and infinities become null) atomically: temporary file, then rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _finite(value):
@@ -252,8 +276,22 @@ def model_config_for(spec: TrainSpec) -> ModelConfig:
     return get_preset(spec.preset, rows=spec.rows, **spec.overrides)
 
 
+def result_from_dict(data: dict) -> RunResult:
+    """A :class:`RunResult` from its ``metrics.json`` form (nulls back to NaN)."""
+    data = dict(data)
+    data["evaluation"] = Evaluation(**{k: (float("nan") if v is None else v) for k, v in data["evaluation"].items()})
+    for key in ("train_seconds", "examples_per_second"):
+        data[key] = float("nan") if data.get(key) is None else data[key]
+    return RunResult(**data)
+
+
 def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
-    """Train ``spec.model`` with ``model.fit`` and evaluate it exactly on the held-out split."""
+    """Train ``spec.model`` with ``model.fit`` and evaluate it exactly on the held-out split.
+
+    With ``spec.out`` holding an unfinished run of the same settings, training resumes
+    from its newest good checkpoint; a finished run is returned as it is (``spec.restart``
+    trains it again).
+    """
     from pipelines.sources import open_data
 
     from tfdlrm import parallel
@@ -261,12 +299,28 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     spec.check()
     if spec.devices is not None and spec.parallel != "ps":
         parallel.configure_devices(spec.devices)  # before TensorFlow's runtime starts
+    if spec.deterministic:
+        tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(spec.seed)
     source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
                        eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data,
                        cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency)
     config = source.config
     out = prepare_out_dir(spec.out) if spec.out else None
+    per_pass = source.train_batches(spec.batch_size)
+    steps_per_epoch = spec.steps_per_epoch or per_pass
+    total_steps = spec.epochs * steps_per_epoch
+    run_info = {"model": spec.model, "config": config.to_dict(), "data": source.describe(), "spec": spec.to_dict()}
+    status = None
+    if out is not None:
+        status = ckpt.open_run(out, run_info, restart=spec.restart, total_steps=total_steps,
+                               spec_defaults=TrainSpec().to_dict(), run_file=RUN_FILE, metrics_file=METRICS_FILE,
+                               checkpoint_dir=CHECKPOINT_DIR, logs_dir=LOGS_DIR)
+        if status.finished is not None:
+            result = result_from_dict(status.finished)
+            log(f"{out}: this run finished earlier; {spec.model} held-out: {result.evaluation}  "
+                f"(nothing to train: --restart trains it again, a larger --epochs continues it)")
+            return result
 
     setup = parallel.make_parallel(spec.parallel, spec.devices, config, parallel.parse_budget(spec.budget),
                                    spec.model)
@@ -286,44 +340,73 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
                 log(f"table {t.name} split by rows over {len(t.shards)} devices: "
                     + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
+    record = resume(model, status, log) if status is not None else None
+    start_epoch, start_batch = (record["epoch"], record["batch"]) if record else (0, 0)
+    start = start_epoch * steps_per_epoch + start_batch
+    saved_state = record.get("state", {}) if record else {}
+    resumed_from = list(record.get("extra", {}).get("resumed_from", [])) if record else []
+    if record:
+        resumed_from.append({"checkpoint": record["name"], "step": record["step"]})
+    if out is not None:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # a continued run's old results are not its results
+        write_json(out / RUN_FILE, run_info)
+
     if setup.mode == "ps":
         # Each worker reads its own shard of the data; the coordinator evaluates.
         train_data = tf.keras.utils.experimental.DatasetCreator(
             lambda context: source.train_dataset(spec.batch_size, seed=spec.seed, input_context=context).repeat())
-    else:
-        train_data = source.train_dataset(spec.batch_size, seed=spec.seed)
-        if spec.steps_per_epoch is not None:
-            train_data = train_data.repeat()  # epochs continue through the data
+    elif start < total_steps:
+        train_data = ckpt.training_stream(source, spec.batch_size, spec.seed, start, total_steps)
     eval_data = source.eval_dataset(spec.eval_batch_size)
 
-    clock = TrainingClock()
-    first_step = int(model.optimizer.iterations.numpy())
+    clock = TrainingClock(saved_state.get("clock", {}).get("seconds", 0.0))
     callbacks: list = [clock]
+    store = status.store if status is not None else None
     if setup.mode != "ps":  # Keras allows no batch-level callbacks under ParameterServerStrategy
-        callbacks.append(StopOnNonFinite(str(out / CHECKPOINT_DIR) if out else None))
+        callbacks.append(StopOnNonFinite(store.describe_latest if store else None, first_step=start))
     curve = None
     if spec.curve_points and setup.mode == "ps":
         raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
                         "allow with --parallel ps; use --curve-points 0")
     if spec.curve_points:
-        steps = spec.epochs * (spec.steps_per_epoch or source.train_batches(spec.batch_size))
-        curve = LearningCurve(eval_data, max(1, steps // spec.curve_points), spec.batch_size)
+        curve = LearningCurve(eval_data, max(1, total_steps // spec.curve_points), spec.batch_size)
+        if "curve" in saved_state:
+            curve.restore(saved_state["curve"], mid_epoch=start_batch > 0)
         callbacks.append(curve)
+    saver = None
     if out is not None:
-        write_json(out / RUN_FILE, {"model": spec.model, "config": config.to_dict(), "data": source.describe(),
-                                    "spec": spec.to_dict()})
+        state_of = {"clock": clock}
+        if curve is not None:
+            state_of["curve"] = curve
+        saver = ckpt.RunCheckpoints(
+            store, spec.checkpoint_every, steps_per_epoch, per_pass, spec.seed, start_epoch, start_batch,
+            history=record.get("history") if record else None,
+            metrics=record.get("metrics") if record and start_batch else None,
+            extra={"resumed_from": resumed_from}, state_of=state_of, clock=clock,
+            identity={"model": spec.model, "config": config.to_dict()})
+        if start_batch and record.get("metrics"):
+            ckpt.build_metrics(model)  # so that the epoch's running metrics can be set before its next step
         callbacks += [
-            tf.keras.callbacks.TensorBoard(log_dir=str(out / "logs"), update_freq="epoch", profile_batch=0),
-            tf.keras.callbacks.ModelCheckpoint(str(out / CHECKPOINT_DIR / "epoch-{epoch:03d}"),
-                                               save_weights_only=True),
+            tf.keras.callbacks.TensorBoard(log_dir=str(out / LOGS_DIR), update_freq="epoch", profile_batch=0),
+            saver,  # after TensorBoard: a run killed between the two repeats the epoch's summary, not loses it
         ]
-    history = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=spec.steps_per_epoch,
-                        validation_data=None if setup.mode == "ps" else eval_data, callbacks=callbacks,
-                        verbose=spec.verbose)
+    history: dict = {}
+    if start < total_steps:
+        if start_batch:
+            ckpt.StartAt(start_epoch, start_batch).attach(model)
+        try:
+            fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
+                               initial_epoch=start_epoch, callbacks=callbacks,
+                               validation_data=None if setup.mode == "ps" else eval_data, verbose=spec.verbose)
+        finally:
+            ckpt.StartAt.detach(model)
+        history = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
+    if saver is not None:
+        history = saver.history  # the whole run's, epochs of earlier processes included
 
     evaluation = evaluate(model, eval_data)
     teacher = source.teacher_auc()
-    steps = int(model.optimizer.iterations.numpy()) - first_step
+    steps = int(model.optimizer.iterations.numpy())
     trained_examples = steps * spec.batch_size
     if spec.steps_per_epoch is None:  # the last batch of an epoch may be short
         trained_examples = min(trained_examples, spec.epochs * source.train_examples)
@@ -334,10 +417,11 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         train_seconds=clock.seconds,
         examples_per_second=trained_examples / clock.seconds if clock.seconds else float("nan"),
         teacher_auc=teacher,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history=history,
         run_dir=str(out) if out else None,
         examples=trained_examples,
         curve=curve.points if curve else [],
+        resumed_from=resumed_from,
     )
     line = f"{spec.model} held-out: {evaluation}"
     if teacher is not None:
@@ -348,8 +432,30 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     return result
 
 
+def resume(model: tf.keras.Model, status: "ckpt.RunStatus", log: Callable[[str], None]) -> Optional[dict]:
+    """Restore the newest of ``status.candidates`` that restores cleanly into ``model`` (older
+    ones if it is damaged); returns its record, or None to train from scratch."""
+    store = status.store
+    for record in status.candidates:
+        try:
+            store.restore(model, record)
+        except (tf.errors.OpError, ValueError, AssertionError) as e:
+            log(f"checkpoint {store.prefix(record)} cannot be restored ({ckpt.first_line(e)}); "
+                f"trying the one before")
+            continue
+        dropped = store.discard_after(record)
+        log(f"resuming from {store.prefix(record)}: step {record['step']:,}, epoch {record['epoch'] + 1}"
+            + (f" after batch {record['batch']:,}" if record["batch"] else " from its start")
+            + (f" (dropped incomplete or damaged: {', '.join(dropped)})" if dropped else ""))
+        return record
+    if status.candidates:
+        raise UserError(f"no checkpoint in {store.dir} can be restored: --restart trains the run from scratch")
+    return None
+
+
 def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
-    """Rebuild the model of a run directory from its ``run.json`` and restore its latest checkpoint.
+    """Rebuild the model of a run directory from its ``run.json`` and restore its latest
+    complete checkpoint (a run that diverged never saved its broken state).
 
     The model is the plain single-device one whatever ``--devices``/``--parallel`` the
     run trained with: checkpoints name variables by role, and a row-split table
@@ -366,7 +472,9 @@ def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is unreadable: {e}") from None
     model = build_model(name, config)
-    checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR))
+    latest = ckpt.CheckpointStore(run / CHECKPOINT_DIR).latest()  # the newest complete one
+    checkpoint = str(run / CHECKPOINT_DIR / latest["name"]) if latest else tf.train.latest_checkpoint(
+        str(run / CHECKPOINT_DIR))
     if checkpoint is None:
         raise UserError(f"{run_dir} has no checkpoint under {CHECKPOINT_DIR}/")
     model.load_weights(checkpoint).expect_partial()
