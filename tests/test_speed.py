@@ -133,7 +133,7 @@ def test_dcn_uses_the_fast_step_too():
     batches = [batch(config, 32, seed=s) for s in range(2)]
     stock, fast = built(config, "sgd", "off", model="dcn"), built(config, "sgd", "sparse", model="dcn")
     assert fit_batches(fast, batches) == pytest.approx(fit_batches(stock, batches), abs=1e-5)
-    assert fast.fast_step.compiled_functions
+    assert fast.fast_step.compiled_functions and fast.cross_net._compiled  # noqa: SLF001 (the XLA cross network)
 
 
 # -- compiled when asked -----------------------------------------------------------------------------------------------

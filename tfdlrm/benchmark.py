@@ -235,7 +235,8 @@ def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int]
         if preset == "paper-benchmark":
             result["projected_seconds_for_1000_batches"] = round(step * PAPER_BATCHES, 1)
             result["paper_seconds_for_1000_batches"] = PAPER_SECONDS
-        if preset in REFERENCE and config.table_rows == get_preset(preset).table_rows and batch_size == 2048:
+        if (model == "dlrm" and preset in REFERENCE and config.table_rows == get_preset(preset).table_rows
+                and batch_size == 2048):
             result["reference"] = REFERENCE[preset]
         if data == "tfrecord":
             result["reader_rows_per_second"] = data_info.pop("reader_rows_per_second")

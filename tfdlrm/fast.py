@@ -151,7 +151,8 @@ class FastTrainStep:
             dense_variables = _dense_variables(model)
             with tf.GradientTape() as tape:
                 tape.watch(embedded)
-                y_pred = tf.keras.activations.sigmoid(model.logits_from_embeddings(dense, embedded, training=True))
+                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+                y_pred = tf.keras.activations.sigmoid(logits)
                 loss = model.compute_loss(x, y, y_pred, sample_weight)
             model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
             grads = tape.gradient(loss, dense_variables + [embedded])
@@ -223,7 +224,8 @@ class FastTrainStep:
             dense_variables = _dense_variables(model)
             with tf.GradientTape() as tape:
                 tape.watch(embedded)
-                y_pred = tf.keras.activations.sigmoid(model.logits_from_embeddings(dense, embedded, training=True))
+                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+                y_pred = tf.keras.activations.sigmoid(logits)
                 loss = model.compute_loss(x, y, y_pred, sample_weight)
             grads = tape.gradient(loss, dense_variables + [embedded])
             apply_gradients(model, grads[:-1], grads[-1], ids, kind)

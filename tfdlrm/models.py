@@ -80,8 +80,11 @@ class RecommenderModel(tf.keras.Model):
     fast_step = None  # set by tfdlrm.fast.use_fast_step (compile_model does)
     mixed_precision: Optional[str] = None
 
-    def logits_from_embeddings(self, dense, embedded, training=None):
-        """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``."""
+    def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
+        """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``.
+
+        ``compiled_parts=True`` (the fast training step on one device) lets parts that
+        gain from XLA compile themselves (DCN's cross network)."""
         raise NotImplementedError
 
     def logits(self, inputs, training=None):
@@ -154,7 +157,7 @@ class DLRM(RecommenderModel):
         self.over_arch = MLP(config.top_mlp, final_activation=None, name="over_arch", dtype=policy,
                              float32_last=True)
 
-    def logits_from_embeddings(self, dense, embedded, training=None):
+    def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         bottom = self.dense_arch(dense)  # [batch, dim]
         interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
         return tf.cast(self.over_arch(interacted), tf.float32)  # [batch, 1]
