@@ -303,11 +303,59 @@ def _profile(net, dataset, logdir: str, steps: int, log) -> list:
     tf.profiler.experimental.start(logdir)
     net.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
     tf.profiler.experimental.stop()
-    top = top_ops(logdir, steps)
-    log(f"profile in {logdir} (TensorBoard's Profile tab); top ops, milliseconds per step summed over threads:")
+    top = top_ops(logdir, steps, limit=None)
+    log(f"profile in {logdir} (TensorBoard's Profile tab); milliseconds per step in ops, summed over threads "
+        f"(ops that run at the same time each count their own duration):")
+    for name, ms in categorize(top):
+        log(f"  {ms:8.2f}  {name}")
+    log("top ops:")
     for row in top[:20]:
         log(f"  {row['ms_per_step']:8.2f}  {row['op']}")
-    return top
+    return {"categories": [{"part": name, "ms_per_step": round(ms, 2)} for name, ms in categorize(top)],
+            "top_ops": top[:40]}
+
+
+def categorize(top: list) -> list:
+    """Op times per step grouped by what they do in a DLRM/DCN step, largest first."""
+    import collections
+    import re
+
+    parts: collections.Counter = collections.Counter()
+    for row in top:
+        name, ms = row["op"], row["ms_per_step"]
+        op, _, kind = name.partition(":")
+        if not kind:  # an XLA thunk (fusion) name
+            if "scatter" in op:
+                part = "embedding row updates (XLA scatter)"
+            elif "gather" in op or op.startswith("stack"):
+                part = "embedding lookups (XLA gather)"
+            elif re.match(r"(wrapped_)?reduce|reduce-window", op):
+                part = "bag sums (XLA)"
+            elif op.startswith(("MatMul", "maximum_dot", "dot")):
+                part = "MLP matmuls (XLA)"
+            else:
+                part = "other compiled (XLA) work"
+        elif kind in ("ResourceScatterAdd", "ResourceScatterSub", "ResourceSparseApplyAdagradV2", "Unique",
+                      "UniqueV2", "UnsortedSegmentSum") and "interaction" not in op:
+            part = "embedding row updates (TensorFlow)"
+        elif kind in ("ResourceGather", "GatherV2") and "interaction" not in op:
+            part = "embedding lookups (TensorFlow gather)"
+        elif "interaction" in op:
+            part = "dot interaction (forward and backward)"
+        elif "Matmul" in kind or "MatMul" in kind:
+            part = "MLP matmuls, backward" if op.startswith("gradient") else "MLP matmuls, forward"
+        elif kind in ("BiasAddGrad", "ReluGrad", "Relu", "BiasAdd"):
+            part = "MLP bias and ReLU (backward)"
+        elif "sparse_arch" in op:
+            part = "embedding layer: stack/unstack, id check"
+        elif kind.startswith("ResourceApply") or "SGD" in op or "Adagrad" in op:
+            part = "optimizer, dense weights (TensorFlow)"
+        elif "cross_net" in op:
+            part = "DCN cross network (TensorFlow)"
+        else:
+            part = "other TensorFlow ops"
+        parts[part] += ms
+    return parts.most_common()
 
 
 # Executor and thread-pool events that enclose op events (counting them would count twice).
@@ -316,7 +364,7 @@ _ENCLOSING = {"ThunkExecutor::Execute", "ExecutorState::Process", "ParallelFor",
               "CpuExecutable::ExecuteAsyncOnStream", "BlockUntilReady"}
 
 
-def top_ops(logdir: str, steps: int, limit: int = 40) -> list:
+def top_ops(logdir: str, steps: int, limit: Optional[int] = 40) -> list:
     """Op (or XLA thunk) time per step from the newest ``*.xplane.pb`` under ``logdir``,
     summed over the worker threads, largest first.  Empty if the profiler's protobufs
     are not importable."""
