@@ -149,7 +149,7 @@ def _step_clock(warmup: int, steps: int):
 
 def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int] = None, data: str = "memory",
                 batch_size: int = 2048, optimizer: str = "sgd", lr: float = 0.1, warmup: Optional[int] = None,
-                steps: Optional[int] = None, repeats: Optional[int] = None, distinct_batches: int = 64,
+                steps: Optional[int] = None, repeats: Optional[int] = None, distinct_batches: Optional[int] = None,
                 xla: str = "auto", mixed_precision: str = "auto", overrides: Optional[dict] = None,
                 tfrecord_rows: Optional[int] = None, tmp_dir: Optional[str] = None, profile: Optional[str] = None,
                 log: Callable[[str], None] = print) -> dict:
@@ -173,6 +173,8 @@ def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int]
     precision = resolve_mixed_precision(mixed_precision)
     step_kind = resolve_xla(xla)
     config = get_preset(preset, rows=rows, **(overrides or {}))
+    if distinct_batches is None:  # bags of 100 ids: 16 batches already read every row many times
+        distinct_batches = 64 if config.ids_per_lookup == 1 else 16
     total_steps = warmup + steps * repeats
     work = None
     result: dict = {}
@@ -349,7 +351,7 @@ def categorize(top: list) -> list:
         elif "sparse_arch" in op:
             part = "embedding layer: stack/unstack, id check"
         elif kind.startswith("ResourceApply") or "SGD" in op or "Adagrad" in op:
-            part = "optimizer, dense weights (TensorFlow)"
+            part = "optimizer arithmetic (TensorFlow: -lr x gradient rows, dense weights)"
         elif "cross_net" in op:
             part = "DCN cross network (TensorFlow)"
         else:

@@ -385,8 +385,9 @@ def add_bench_train_parser(benches) -> None:
     p.add_argument("--steps", type=positive_int, help="steps per timed run (default: 20; paper-benchmark 5)")
     p.add_argument("--repeats", type=positive_int, help="timed runs; the median is reported (default: 5; "
                                                         "paper-benchmark 3)")
-    p.add_argument("--distinct-batches", type=positive_int, default=64,
-                   help="--data memory: batches generated before training and then repeated (default: 64)")
+    p.add_argument("--distinct-batches", type=positive_int,
+                   help="--data memory: batches generated before training and then repeated (default: 64; 16 "
+                        "with bags of ids, as paper-benchmark)")
     add_speed_args(p)
     p.add_argument("--suite", action="store_true",
                    help="every configuration of docs/benchmarks.md (DLRM and DCN on kaggle, the paper's "
