@@ -274,6 +274,20 @@ def test_bench_train_prints_figures_with_the_machine_as_json():
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["date"] and len(machine["load_average"]) == 3
     assert "examples/s" in proc.stderr and "load average" in proc.stderr
+    # --huge-pages auto restarted the command with glibc's hugetlb tunable where that works
+    from tfdlrm import _env
+
+    assert result["huge_pages"]["active"] == (_env.huge_pages_environment() is not None or _env.huge_pages_active())
+
+
+def test_bench_suite_table_lists_every_configuration():
+    from tfdlrm.benchmark import SUITE, format_suite
+
+    fake = {"examples_per_second": 70000, "ms_per_step": 29.3, "cpu_ms_per_step": 52.0, "peak_rss_bytes": 2**31,
+            "machine": {"load_average": [0.5, 0.4, 0.3]}, "load_average_after": [0.6, 0.4, 0.3]}
+    table = format_suite([{**fake, "label": label} for label, _ in SUITE] + [{"label": "broken", "error": "boom"}])
+    assert table.count("\n") == len(SUITE) + 2 and "| 70,000 | 29.3 | 52.0 | 2.00 GiB | 0.50 / 0.60 |" in table
+    assert "failed: boom" in table
 
 
 def test_bench_train_from_tfrecord_data_reports_the_reader_too(tmp_path):

@@ -96,3 +96,21 @@ def restart_with_huge_pages(argv: list) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "tfdlrm", *argv], env)
+
+
+def restart_without_huge_pages(argv: list) -> None:
+    """Replace this process by ``python -m tfdlrm ARGV`` without glibc's hugetlb tunable
+    (``--huge-pages off`` when it was inherited, say from ``bench train --suite``);
+    return if it is not set."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables or "tensorflow" in sys.modules:
+        return
+    env = dict(os.environ)
+    kept = [t for t in tunables.split(":") if t and not t.startswith("glibc.malloc.hugetlb")]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    else:
+        env.pop("GLIBC_TUNABLES")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tfdlrm", *argv], env)

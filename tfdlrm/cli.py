@@ -587,18 +587,21 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
     """Run a command.  ``restart`` (``python -m tfdlrm`` sets it): a command with
-    ``--huge-pages auto`` may first restart the process with huge pages on
-    (``tfdlrm._env.restart_with_huge_pages``)."""
+    ``--huge-pages auto`` may first restart the process with huge pages on, and one
+    with ``--huge-pages off`` without them (``tfdlrm._env``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    if restart and getattr(args, "huge_pages", "off") == "auto":
+    if restart and getattr(args, "huge_pages", None) in ("auto", "off"):
         from tfdlrm import _env
 
-        _env.restart_with_huge_pages(args.argv)
+        if args.huge_pages == "auto":
+            _env.restart_with_huge_pages(args.argv)
+        else:
+            _env.restart_without_huge_pages(args.argv)
     try:
         if args.command != "presets":
             import_tensorflow_quietly()
