@@ -331,7 +331,7 @@ def categorize(top: list) -> list:
                 part = "embedding row updates (XLA scatter)"
             elif "gather" in op or op.startswith("stack"):
                 part = "embedding lookups (XLA gather)"
-            elif re.match(r"(wrapped_)?reduce|reduce-window", op):
+            elif re.match(r"(wrapped_)?reduce|reduce-window|ynn_fusion", op):
                 part = "bag sums (XLA)"
             elif op.startswith(("MatMul", "maximum_dot", "dot")):
                 part = "MLP matmuls (XLA)"
