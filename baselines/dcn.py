@@ -16,7 +16,7 @@ import math
 import tensorflow as tf
 
 from tfdlrm.layers.mlp import MLP, mlp_parameter_count
-from tfdlrm.models import RecommenderModel, make_sparse_arch
+from tfdlrm.models import RecommenderModel, compute_policy, make_sparse_arch
 from tfdlrm.presets import CROSS_KINDS, ModelConfig
 
 
@@ -38,6 +38,7 @@ class CrossV1(tf.keras.layers.Layer):
         if int(num_layers) < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}.")
         self.num_layers = int(num_layers)
+        self._compiled = {}
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -54,7 +55,17 @@ class CrossV1(tf.keras.layers.Layer):
         ]
         super().build(input_shape)
 
-    def call(self, x0):
+    def call(self, x0, compiled=False):
+        """``compiled=True`` (the fast training step) runs the layers' elementwise products
+        and sums, forward and backward, as a few XLA loops instead of dozens of
+        TensorFlow ops over ``[batch, D]`` (DCN trained ~13% faster)."""
+        if not compiled:
+            return self._cross(x0)
+        if "fn" not in self._compiled:
+            self._compiled["fn"] = tf.function(self._cross, jit_compile=True, reduce_retracing=True)
+        return self._compiled["fn"](x0)
+
+    def _cross(self, x0):
         x = x0
         for w, b in zip(self.kernels, self.biases):
             x = x0 * tf.matmul(x, w) + b + x  # (x_l . w_l) is [batch, 1]
@@ -101,34 +112,40 @@ class DCN(RecommenderModel):
 
     model_name = "dcn"
 
-    def __init__(self, config: ModelConfig, cross: str = "v1", **kwargs):
+    def __init__(self, config: ModelConfig, cross: str = "v1", mixed_precision: str | None = None, **kwargs):
         if cross not in CROSS_KINDS:
             raise ValueError(f"cross must be one of {CROSS_KINDS}, got {cross!r}.")
         kwargs.setdefault("name", "dcn" if cross == "v1" else "dcn_v2")
         super().__init__(**kwargs)
         self.config = config.validated()
         self.cross = cross
+        self.mixed_precision = mixed_precision
         self.sparse_arch = make_sparse_arch(config)
         if cross == "v1":
             self.cross_net = CrossV1(config.cross_layers, name="cross_net")
         else:
             self.cross_net = CrossV2Stack(config.cross_layers, config.cross_low_rank, name="cross_net")
-        self.deep_net = MLP(config.deep_mlp, final_activation="relu", name="deep_net")
+        # Mixed precision applies to the deep network; the cross network (a residual sum
+        # of products, cheap) and the logit stay float32.
+        self.deep_net = MLP(config.deep_mlp, final_activation="relu", name="deep_net",
+                            dtype=compute_policy(mixed_precision))
         self.logit_layer = tf.keras.layers.Dense(1, name="logit")
 
-    def logits_from_embeddings(self, dense, embedded, training=None):
-        flat = tf.reshape(embedded, [-1, self.config.num_tables * self.config.embedding_dim])
-        x0 = tf.concat([dense, flat], axis=1)  # [batch, D]
-        joined = tf.concat([self.cross_net(x0), self.deep_net(x0)], axis=1)
+    def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
+        flat = tf.reshape(tf.cast(embedded, tf.float32), [-1, self.config.num_tables * self.config.embedding_dim])
+        x0 = tf.concat([tf.cast(dense, tf.float32), flat], axis=1)  # [batch, D]
+        crossed = self.cross_net(x0, compiled=True) if compiled_parts and self.cross == "v1" else self.cross_net(x0)
+        joined = tf.concat([crossed, tf.cast(self.deep_net(x0), tf.float32)], axis=1)
         return self.logit_layer(joined)  # [batch, 1]
 
     def get_config(self):
-        return {"config": self.config.to_dict(), "cross": self.cross, "name": self.name}
+        return {"config": self.config.to_dict(), "cross": self.cross, "name": self.name,
+                "mixed_precision": self.mixed_precision}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         return cls(ModelConfig.from_dict(config["config"]), cross=config.get("cross", "v1"),
-                   name=config.get("name"))
+                   name=config.get("name"), mixed_precision=config.get("mixed_precision"))
 
     @staticmethod
     def parameter_count(config: ModelConfig, cross: str = "v1") -> int:

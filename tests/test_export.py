@@ -40,7 +40,7 @@ def _in_memory(run_dir, source) -> dict:
     """The run's model (load_run) on the converted held-out split, in file order."""
     from tfdlrm.training import load_run
 
-    model, _ = load_run(str(run_dir))
+    model, _ = load_run(str(run_dir), mixed_precision=None)  # exports compute in float32
     out = {"probability": [], "logit": [], "dense": [], "sparse": []}
     for features, _ in source.eval_dataset(1024):
         out["probability"].append(model.predict_on_batch(features))

@@ -3,4 +3,4 @@ import sys
 
 from tfdlrm.cli import main
 
-sys.exit(main())
+sys.exit(main(restart=True))

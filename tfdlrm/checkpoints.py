@@ -52,7 +52,9 @@ _SEED_MODULUS = 2**31 - 1
 
 # TrainSpec fields that may change when a run resumes: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "out", "verbose", "devices", "parallel", "budget", "cache_dir",
-                     "checkpoint_every", "deterministic", "restart")
+                     "checkpoint_every", "deterministic", "restart", "xla")
+# TrainSpec fields compared by what they resolve to (run.json's top level), not as asked.
+RESOLVED = ("mixed_precision",)
 # TrainSpec fields that the model config or the data description already compare.
 COMPARED_ELSEWHERE = ("preset", "rows", "overrides", "data", "eval_data", "data_seed", "train_examples",
                       "eval_examples", "hash_buckets", "min_frequency")
@@ -432,6 +434,9 @@ def settings_differences(saved: dict, asked: dict, spec_defaults: Optional[dict]
         out.append(f"config: unreadable ({e})")
     else:
         out += saved_config.differences(ModelConfig.from_dict(asked["config"]))
+    for key in RESOLVED:  # runs from before a setting existed ran with it off
+        if key in asked and saved.get(key, "off") != asked[key]:
+            out.append(f"{key}: {saved.get(key, 'off')} != {asked[key]}")
     for key, value in asked.get("data", {}).items():
         if key not in DATA_LOCATION and saved.get("data", {}).get(key) != value:
             out.append(f"data {key}: {_short(saved.get('data', {}).get(key))} != {_short(value)}")
@@ -439,7 +444,7 @@ def settings_differences(saved: dict, asked: dict, spec_defaults: Optional[dict]
     saved_spec = json.loads(json.dumps(saved.get("spec", {}), default=_json_default))
     asked_spec = json.loads(json.dumps(asked.get("spec", {}), default=_json_default))
     for key, value in asked_spec.items():
-        if key in RESUMABLE_CHANGES or key in COMPARED_ELSEWHERE:
+        if key in RESUMABLE_CHANGES or key in COMPARED_ELSEWHERE or key in RESOLVED:
             continue
         theirs = saved_spec.get(key, defaults.get(key))
         if theirs != value:

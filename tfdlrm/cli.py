@@ -176,7 +176,27 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "command resumes from the newest checkpoint")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic ops: the same seed gives bit-identical weights on this machine (slower)")
+    add_speed_args(p)
     add_parallel_args(p)
+
+
+XLA_CHOICES = ("auto", "sparse", "full", "off")
+MIXED_PRECISION_CHOICES = ("auto", "bf16", "off")
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (see docs/benchmarks.md)")
+    g.add_argument("--xla", choices=XLA_CHOICES, default="auto",
+                   help="one-device training step: sparse = embedding gathers and row updates compiled by XLA, "
+                        "MLPs by TensorFlow/oneDNN; full = the whole step compiled; off = Keras's stock step "
+                        "(default: auto = sparse on one device, off in parallel modes)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto",
+                   help="bf16 = MLPs compute in bfloat16, weights and embedding tables stay float32; off = float32 "
+                        "(default: auto = bf16 where the CPU has native bfloat16, avx512_bf16 or AMX)")
+    g.add_argument("--huge-pages", choices=("auto", "off"), default="auto",
+                   help="auto: on Linux with glibc 2.35+ and transparent huge pages in madvise mode, the command "
+                        "restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that the embedding "
+                        "tables sit in 2 MiB pages (fewer TLB misses per looked-up row); off: leave memory as is")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -219,7 +239,8 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
         devices=args.devices, parallel=args.parallel, budget=args.budget,
         cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
-        checkpoint_every=args.checkpoint_every, deterministic=args.deterministic, **extra,
+        checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
+        xla=args.xla, mixed_precision=args.mixed_precision, **extra,
     )
 
 
@@ -379,6 +400,72 @@ def add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.benchmark import bench_train, format_suite, run_suite
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if args.suite:
+        extra = []
+        for flag in ("batch_size", "steps", "repeats", "warmup"):
+            if getattr(args, flag) is not None:
+                extra += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.huge_pages == "off":
+            extra += ["--huge-pages", "off"]
+        results = run_suite(extra, log=log)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print()
+            print(format_suite(results))
+        return 1 if any("error" in r for r in results) else 0
+    result = bench_train(model=args.model, preset=args.preset, rows=args.rows, data=args.data,
+                         batch_size=args.batch_size or 2048, optimizer=args.optimizer, lr=args.lr,
+                         warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                         distinct_batches=args.distinct_batches, xla=args.xla, mixed_precision=args.mixed_precision,
+                         overrides=config_overrides(args), tmp_dir=args.tmp_dir, profile=args.profile, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_bench_train_parser(benches) -> None:
+    p = benches.add_parser(
+        "train", help="training examples/s (kaggle preset, 26 x 1M tables, batch 2048) or the paper's benchmark",
+        description="Train with model.fit on data already in memory (random ids; or --data tfrecord: a converted "
+                    "Criteo dataset in a temporary directory) and print examples/s and ms per step (median of "
+                    "--repeats runs after --warmup steps), CPU time per step and peak memory, with the machine, "
+                    "date and load average. --preset paper-benchmark is the DLRM paper's single-socket benchmark "
+                    "(also prints the projected time of its 1,000 batches). --suite runs every configuration of "
+                    "docs/benchmarks.md, each in a fresh process.")
+    p.add_argument("--model", default="dlrm", choices=MODEL_CHOICES, help="model (default: dlrm)")
+    p.add_argument("--data", default="memory", choices=("memory", "tfrecord"),
+                   help="memory: random batches generated first, then repeated; tfrecord: Criteo rows converted "
+                        "into a temporary directory and read as train --data DIR does (default: memory)")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default: 2048)")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_CHOICES, help="optimizer (default: sgd)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: 0.1)")
+    p.add_argument("--warmup", type=positive_int, help="untimed steps first: tracing, XLA compilation "
+                                                       "(default: 10; paper-benchmark 3)")
+    p.add_argument("--steps", type=positive_int, help="steps per timed run (default: 20; paper-benchmark 5)")
+    p.add_argument("--repeats", type=positive_int, help="timed runs; the median is reported (default: 5; "
+                                                        "paper-benchmark 3)")
+    p.add_argument("--distinct-batches", type=positive_int,
+                   help="--data memory: batches generated before training and then repeated (default: 64; 16 "
+                        "with bags of ids, as paper-benchmark)")
+    add_speed_args(p)
+    p.add_argument("--suite", action="store_true",
+                   help="every configuration of docs/benchmarks.md (DLRM and DCN on kaggle, the paper's "
+                        "benchmark, TFRecord data, and the stock step), each in a fresh process")
+    p.add_argument("--profile", metavar="DIR", help="also profile 10 steps into DIR (TensorBoard) and print the "
+                                                    "top ops per step")
+    p.add_argument("--tmp-dir", help="--data tfrecord: where the temporary directory goes (default: the system's)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    add_model_args(p, preset="kaggle")
+    p.set_defaults(func=cmd_bench_train)
+
+
 def add_convert_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert raw Criteo TSV (plain or gzip) to a TFRecord dataset with a manifest",
@@ -425,7 +512,7 @@ def add_convert_parser(sub) -> None:
 
 
 def add_bench_parser(sub):
-    p = sub.add_parser("bench", help="benchmarks that print figures: pipeline, parallel, serving",
+    p = sub.add_parser("bench", help="benchmarks that print figures: pipeline, train, parallel, serving",
                        description="Benchmarks that print figures.")
     benches = p.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=Parser, required=True)
     b = benches.add_parser(
@@ -471,6 +558,7 @@ def add_bench_parser(sub):
                    help="without SAVED_MODEL: rows per table (default: 100000)")
     b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     b.set_defaults(func=cmd_bench_serving)
+    add_bench_train_parser(benches)
     return benches
 
 
@@ -641,13 +729,23 @@ def _quiet_stdout(stream):
     return stream
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
+    """Run a command.  ``restart`` (``python -m tfdlrm`` sets it): a command with
+    ``--huge-pages auto`` may first restart the process with huge pages on, and one
+    with ``--huge-pages off`` without them (``tfdlrm._env``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if restart and getattr(args, "huge_pages", None) in ("auto", "off"):
+        from tfdlrm import _env
+
+        if args.huge_pages == "auto":
+            _env.restart_with_huge_pages(args.argv)
+        else:
+            _env.restart_without_huge_pages(args.argv)
     stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
         if args.command != "presets":

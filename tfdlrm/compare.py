@@ -103,12 +103,15 @@ def run_dir_name(spec: TrainSpec) -> str:
 
 
 # Spec fields that do not change a finished run's results.
-NOT_RESULTS = ("out", "verbose", "checkpoint_every", "deterministic", "restart")
+NOT_RESULTS = ("out", "verbose", "checkpoint_every", "deterministic", "restart", "xla")
 
 
 def _same_settings(saved: dict, spec: TrainSpec) -> list[str]:
+    """``field: saved ..., asked ...`` for each setting that differs; a field the saved run
+    predates counts as its default."""
     mine = {k: v for k, v in spec.to_dict().items() if k not in NOT_RESULTS}
-    theirs = {k: v for k, v in saved.items() if k not in NOT_RESULTS}
+    theirs = {**TrainSpec().to_dict(), **saved}
+    theirs = {k: v for k, v in theirs.items() if k not in NOT_RESULTS}
     mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
     return [f"{k}: saved {theirs.get(k)!r}, asked {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
 

@@ -491,7 +491,9 @@ def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] =
     run = Path(run_dir)
     meta = _read_run(run)
     base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
-    model, meta = load_run(run_dir)
+    # float32 compute whatever the run trained with: the weights are float32, and a serving
+    # host's CPU may lack native bfloat16 (a bf16 run's predictions differ by ~1e-3).
+    model, meta = load_run(run_dir, mixed_precision=None)
     checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR)) or ""
     features, info = serving_features(meta, model.config, dataset)
     _prepare_base(base)  # only now: an export that cannot start leaves no directory behind

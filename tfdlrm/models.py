@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import tensorflow as tf
 
@@ -51,18 +51,40 @@ def make_sparse_arch(config: ModelConfig) -> EmbeddingTables:
     return EmbeddingTables(config.table_rows, config.embedding_dim, pooling=config.pooling, name="sparse_arch")
 
 
+MIXED_PRECISIONS = (None, "bf16")
+
+
+def compute_policy(mixed_precision: Optional[str]) -> str:
+    """The Keras dtype policy of a model's dense parts: ``mixed_bfloat16`` for ``bf16``
+    (bfloat16 maths, float32 weights), else ``float32``.  Embedding tables are always
+    float32 (their layer keeps the float32 policy)."""
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be None or 'bf16', got {mixed_precision!r}.")
+    return "mixed_bfloat16" if mixed_precision == "bf16" else "float32"
+
+
 class RecommenderModel(tf.keras.Model):
     """What DLRM and DCN share: embeddings (``sparse_arch``) looked up from the ids,
     then :meth:`logits_from_embeddings` on the dense features and the looked-up vectors.
 
     ``model.fit`` runs :meth:`train_step`; a parallel mode set by ``tfdlrm.parallel``
-    (``parallel_runner``) replaces it, with the same loss and metrics.
+    (``parallel_runner``) replaces it, with the same loss and metrics; on one device,
+    ``fast_step`` (``tfdlrm.fast``, set by ``compile_model``) runs it with compiled
+    embedding gathers and updates.
+
+    ``mixed_precision="bf16"`` computes the dense parts in bfloat16 (weights and
+    embedding tables stay float32; logits are float32).
     """
 
     parallel_runner = None  # set by tfdlrm.parallel: hybrid placement or exact mirrored loss
+    fast_step = None  # set by tfdlrm.fast.use_fast_step (compile_model does)
+    mixed_precision: Optional[str] = None
 
-    def logits_from_embeddings(self, dense, embedded, training=None):
-        """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``."""
+    def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
+        """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``.
+
+        ``compiled_parts=True`` (the fast training step on one device) lets parts that
+        gain from XLA compile themselves (DCN's cross network)."""
         raise NotImplementedError
 
     def logits(self, inputs, training=None):
@@ -78,7 +100,21 @@ class RecommenderModel(tf.keras.Model):
     def train_step(self, data):
         if self.parallel_runner is not None:
             return self.parallel_runner.train_step(self, data)
+        if self.fast_step is not None:
+            metrics = self.fast_step.train_step(self, data)
+            if metrics is not None:
+                return metrics
         return super().train_step(data)
+
+    def compile(self, *args, jit_compile=None, **kwargs):
+        """Keras's ``compile``; ``jit_compile=True`` selects the fast step with the whole
+        step compiled (``tfdlrm.fast``, ``xla="full"``), which checks ids before the
+        compiled part: a step Keras compiled whole could not raise on a bad id."""
+        super().compile(*args, jit_compile=False, **kwargs)
+        if jit_compile:
+            from tfdlrm.fast import use_fast_step
+
+            use_fast_step(self, "full")
 
     def test_step(self, data):
         if self.parallel_runner is not None:
@@ -106,28 +142,33 @@ class DLRM(RecommenderModel):
 
     model_name = "dlrm"
 
-    def __init__(self, config: ModelConfig, **kwargs):
+    def __init__(self, config: ModelConfig, mixed_precision: Optional[str] = None, **kwargs):
         kwargs.setdefault("name", "dlrm")
         super().__init__(**kwargs)
         self.config = config.validated()
+        self.mixed_precision = mixed_precision
+        policy = compute_policy(mixed_precision)
         self.sparse_arch = make_sparse_arch(config)
-        self.dense_arch = MLP(config.bottom_mlp[1:], final_activation="relu", name="dense_arch")
+        self.dense_arch = MLP(config.bottom_mlp[1:], final_activation="relu", name="dense_arch", dtype=policy)
         self.interaction_arch = make_interaction(
-            config.interaction, self_interaction=config.self_interaction, name="interaction_arch"
+            config.interaction, self_interaction=config.self_interaction, name="interaction_arch", dtype=policy
         )
-        self.over_arch = MLP(config.top_mlp, final_activation=None, name="over_arch")
+        # The logit layer computes in float32 whatever the policy (it is tiny).
+        self.over_arch = MLP(config.top_mlp, final_activation=None, name="over_arch", dtype=policy,
+                             float32_last=True)
 
-    def logits_from_embeddings(self, dense, embedded, training=None):
+    def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         bottom = self.dense_arch(dense)  # [batch, dim]
         interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
-        return self.over_arch(interacted)  # [batch, 1]
+        return tf.cast(self.over_arch(interacted), tf.float32)  # [batch, 1]
 
     def get_config(self):
-        return {"config": self.config.to_dict(), "name": self.name}
+        return {"config": self.config.to_dict(), "name": self.name, "mixed_precision": self.mixed_precision}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return cls(ModelConfig.from_dict(config["config"]), name=config.get("name", "dlrm"))
+        return cls(ModelConfig.from_dict(config["config"]), name=config.get("name", "dlrm"),
+                   mixed_precision=config.get("mixed_precision"))
 
     @staticmethod
     def parameter_count(config: ModelConfig) -> int:

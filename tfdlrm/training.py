@@ -42,16 +42,20 @@ LOGS_DIR = "logs"
 
 
 # -- models and optimizers ----------------------------------------------------------
-def build_model(name: str, config: ModelConfig) -> tf.keras.Model:
-    """A built DLRM, DCN or DCN-v2 (variables created) for ``config``."""
+def build_model(name: str, config: ModelConfig, mixed_precision: Optional[str] = None) -> tf.keras.Model:
+    """A built DLRM, DCN or DCN-v2 (variables created) for ``config``.
+
+    ``mixed_precision="bf16"`` computes the MLPs in bfloat16 (variables, embedding
+    tables included, stay float32, so checkpoints are the same either way).
+    """
     if name == "dlrm":
         from tfdlrm.models import DLRM
 
-        model = DLRM(config)
+        model = DLRM(config, mixed_precision=mixed_precision)
     elif name in ("dcn", "dcn-v2"):
         from baselines.dcn import DCN
 
-        model = DCN(config, cross="v1" if name == "dcn" else "v2")
+        model = DCN(config, cross="v1" if name == "dcn" else "v2", mixed_precision=mixed_precision)
     else:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     return model.build_from_config()
@@ -88,11 +92,16 @@ def dense_variables(model: tf.keras.Model) -> list:
 
 def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1,
                   embedding_optimizer: Optional[str] = None, embedding_lr: Optional[float] = None,
-                  jit_compile: bool = False, metrics: bool = True) -> tf.keras.Model:
+                  jit_compile: bool = False, metrics: bool = True, xla: str = "sparse") -> tf.keras.Model:
     """Compile with binary cross-entropy and (optionally) AUC / log loss / accuracy.
 
     With ``embedding_optimizer`` or ``embedding_lr`` the embedding tables get their own
     optimizer through TFRS's ``CompositeOptimizer``.
+
+    ``xla`` picks the training step on one device (``tfdlrm.fast``): ``sparse`` (the
+    default) compiles the embedding gathers and row updates with XLA, ``full`` the
+    whole step (as ``jit_compile=True``), ``off`` is Keras's stock step.  Ids are
+    range-checked in every case.  Parallel modes use their own steps.
     """
     dense_opt = make_optimizer(optimizer, lr)
     if embedding_optimizer is None and embedding_lr is None:
@@ -112,8 +121,10 @@ def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1
             tf.keras.metrics.BinaryCrossentropy(name="logloss"),
             tf.keras.metrics.BinaryAccuracy(name="accuracy"),
         ]
-    model.compile(optimizer=opt, loss=tf.keras.losses.BinaryCrossentropy(), metrics=keras_metrics,
-                  jit_compile=jit_compile)
+    model.compile(optimizer=opt, loss=tf.keras.losses.BinaryCrossentropy(), metrics=keras_metrics)
+    from tfdlrm.fast import use_fast_step
+
+    use_fast_step(model, "full" if jit_compile else xla)
     return model
 
 
@@ -177,6 +188,10 @@ class TrainSpec:
     checkpoint_every: Optional[int] = None
     deterministic: bool = False
     restart: bool = False
+    # speed (tfdlrm/fast.py): the one-device step (auto = sparse on one device, off in
+    # parallel modes) and bfloat16 MLPs (auto = on where the CPU has native bf16)
+    xla: str = "auto"
+    mixed_precision: str = "auto"
 
     def check(self) -> "TrainSpec":
         if self.model not in MODEL_NAMES:
@@ -204,6 +219,10 @@ class TrainSpec:
         from tfdlrm.parallel import check_parallel_args
 
         check_parallel_args(self.parallel, self.devices, self.budget, self.steps_per_epoch)
+        from tfdlrm.fast import resolve_mixed_precision, resolve_xla
+
+        resolve_xla(self.xla, self.parallel)
+        resolve_mixed_precision(self.mixed_precision)
         return self
 
     def to_dict(self) -> dict:
@@ -310,7 +329,11 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     per_pass = source.train_batches(spec.batch_size)
     steps_per_epoch = spec.steps_per_epoch or per_pass
     total_steps = spec.epochs * steps_per_epoch
-    run_info = {"model": spec.model, "config": config.to_dict(), "data": source.describe(), "spec": spec.to_dict()}
+    from tfdlrm.fast import resolve_mixed_precision, resolve_xla
+
+    precision = resolve_mixed_precision(spec.mixed_precision)
+    run_info = {"model": spec.model, "config": config.to_dict(), "data": source.describe(), "spec": spec.to_dict(),
+                "mixed_precision": precision or "off"}
     status = None
     if out is not None:
         status = ckpt.open_run(out, run_info, restart=spec.restart, total_steps=total_steps,
@@ -324,14 +347,16 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
 
     setup = parallel.make_parallel(spec.parallel, spec.devices, config, parallel.parse_budget(spec.budget),
                                    spec.model)
+    xla = resolve_xla(spec.xla, setup.mode)
     with setup.scope():
-        model = build_model(spec.model, config)
-        compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr)
+        model = build_model(spec.model, config, mixed_precision=precision)
+        compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr, xla=xla)
     setup.attach(model)
     params = model.count_params()
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
         f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
-        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}")
+        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}; "
+        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs")
     if setup.plan is not None and len(setup.devices) > 1:
         per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
         log(f"embedding bytes per device: {per_device}")
@@ -453,13 +478,15 @@ def resume(model: tf.keras.Model, status: "ckpt.RunStatus", log: Callable[[str],
     return None
 
 
-def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
+def load_run(run_dir: str, mixed_precision: Optional[str] = "run") -> tuple[tf.keras.Model, dict]:
     """Rebuild the model of a run directory from its ``run.json`` and restore its latest
     complete checkpoint (a run that diverged never saved its broken state).
 
     The model is the plain single-device one whatever ``--devices``/``--parallel`` the
     run trained with: checkpoints name variables by role, and a row-split table
-    restores whole.
+    restores whole.  It computes in the run's precision (``mixed_precision="run"``,
+    so it predicts exactly what training evaluated), or as asked: ``None`` for
+    float32, ``"bf16"``; the weights are float32 either way.
     """
     run = Path(run_dir)
     meta_path = run / RUN_FILE
@@ -471,7 +498,9 @@ def load_run(run_dir: str) -> tuple[tf.keras.Model, dict]:
         name = meta["model"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is unreadable: {e}") from None
-    model = build_model(name, config)
+    if mixed_precision == "run":
+        mixed_precision = meta.get("mixed_precision")
+    model = build_model(name, config, mixed_precision=None if mixed_precision in (None, "off") else mixed_precision)
     latest = ckpt.CheckpointStore(run / CHECKPOINT_DIR).latest()  # the newest complete one
     checkpoint = str(run / CHECKPOINT_DIR / latest["name"]) if latest else tf.train.latest_checkpoint(
         str(run / CHECKPOINT_DIR))

@@ -53,8 +53,12 @@ class EmbeddingTables(tf.keras.layers.Layer):
     With ``check_ids=True`` an id outside ``[0, rows_f)`` raises
     ``InvalidArgumentError`` naming the feature, its row count and the id, instead
     of the silent zero vector a GPU gather would give.  The check runs inside the
-    graph and costs a few small ops per step; XLA drops it, so jit-compiled training
-    validates ids in the input pipeline instead.
+    graph and costs a few small ops per step.  An XLA cluster cannot raise, so the
+    check splits in two: :meth:`out_of_range` (a boolean, compiles under XLA) and
+    :meth:`raise_if_out_of_range` (the error, outside XLA).  The fast training step
+    (``tfdlrm.fast``) computes the first inside its compiled lookup and raises before
+    any variable changes; called inside someone else's XLA cluster, this layer skips
+    the check (with a warning when traced).
     """
 
     def __init__(
@@ -110,22 +114,29 @@ class EmbeddingTables(tf.keras.layers.Layer):
         super().build(input_shape)
 
     # -- id validation -------------------------------------------------------
-    def _validated(self, ids, feature_of_value=None):
-        """Return ``ids`` guarded by an assertion that every id is in range.
-
-        ``ids`` is the flat (or ``[batch, features(, k)]``) id tensor;
-        ``feature_of_value`` gives each id's feature when ``ids`` is flat.
-        """
+    def _limits(self, ids, feature_of_value=None):
         rows = tf.constant(self.rows, dtype=ids.dtype)
         if feature_of_value is None:
-            shape = [1, self.num_features] + [1] * (ids.shape.rank - 2)
-            limit = tf.reshape(rows, shape)
-        else:
-            limit = tf.gather(rows, feature_of_value)
-        bad = tf.logical_or(ids < 0, ids >= limit)
+            return tf.reshape(rows, [1, self.num_features] + [1] * (ids.shape.rank - 2))
+        return tf.gather(rows, feature_of_value)
+
+    def out_of_range(self, ids, feature_of_value=None):
+        """A scalar bool: is any id outside ``[0, rows_f)``?  Plain comparisons, so it
+        compiles under XLA (``ids`` as for :meth:`_validated`)."""
+        limit = self._limits(ids, feature_of_value)
+        return tf.reduce_any(tf.logical_or(ids < 0, ids >= limit))
+
+    def raise_if_out_of_range(self, ids, bad=None, feature_of_value=None):
+        """``ids``, after an assertion that fails, naming the first bad id's feature,
+        when ``bad`` (default: :meth:`out_of_range`) is true.  Not XLA-compatible (it
+        builds a string): run it outside the compiled part of a step."""
+        if bad is None:
+            bad = self.out_of_range(ids, feature_of_value)
+        rows = tf.constant(self.rows, dtype=ids.dtype)
 
         def fail():
-            flat_bad = tf.reshape(bad, [-1])
+            limit = self._limits(ids, feature_of_value)
+            flat_bad = tf.reshape(tf.logical_or(ids < 0, ids >= limit), [-1])
             first = tf.argmax(tf.cast(flat_bad, tf.int32), output_type=tf.int64)
             bad_id = tf.reshape(ids, [-1])[first]
             if feature_of_value is None:
@@ -143,7 +154,19 @@ class EmbeddingTables(tf.keras.layers.Layer):
             with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
                 return tf.identity(ids)
 
-        return tf.cond(tf.reduce_any(bad), fail, lambda: ids)
+        return tf.cond(bad, fail, lambda: ids)
+
+    def _validated(self, ids, feature_of_value=None):
+        """Return ``ids`` guarded by an assertion that every id is in range.
+
+        ``ids`` is the flat (or ``[batch, features(, k)]``) id tensor;
+        ``feature_of_value`` gives each id's feature when ``ids`` is flat.  Inside an
+        XLA cluster, which cannot raise, the check is skipped (see the class docstring).
+        """
+        if _in_xla_context():
+            _warn_unchecked_once(self.name)
+            return ids
+        return self.raise_if_out_of_range(ids, feature_of_value=feature_of_value)
 
     # -- lookup ----------------------------------------------------------------
     def call(self, ids):
@@ -189,6 +212,37 @@ class EmbeddingTables(tf.keras.layers.Layer):
             return tf.gather(table, ids)
         return sharded_gather(table.variables, ids)
 
+    def embed(self, ids):
+        """``[batch, features, dim]`` for dense ids (one-hot or fixed bags), with no id
+        check and no device placement: the part of :meth:`call` that a compiled
+        (XLA) step runs.  Ids must already be known to be in range."""
+        pooled = []
+        for f, table in enumerate(self.tables):
+            vectors = tf.gather(table, ids[:, f])  # [batch, dim] or [batch, k, dim]
+            if ids.shape.rank == 3:
+                vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
+            pooled.append(vectors)
+        return tf.stack(pooled, axis=1)
+
+    def sparse_gradients(self, grad, ids) -> list:
+        """The tables' gradients, one ``IndexedSlices`` per table, from ``grad`` =
+        d(loss)/d(:meth:`embed` output) ``[batch, features, dim]``: exactly what
+        differentiating through the gathers gives, without a tape over the tables.
+        Each bag's gradient goes to every id in the bag (divided by the bag size for
+        ``mean``)."""
+        grads = []
+        for f, table in enumerate(self.tables):
+            g = tf.cast(grad[:, f], table.dtype)  # [batch, dim]
+            index = ids[:, f]
+            if ids.shape.rank == 3:
+                k = ids.shape[2] if ids.shape[2] is not None else tf.shape(ids)[2]
+                if self.pooling == "mean":
+                    g = g / tf.cast(k, g.dtype)
+                g = tf.reshape(tf.broadcast_to(g[:, None, :], [tf.shape(g)[0], k, self.dim]), [-1, self.dim])
+                index = tf.reshape(index, [-1])
+            grads.append(tf.IndexedSlices(g, index, dense_shape=tf.shape(table, out_type=index.dtype)))
+        return grads
+
     def _lookup_ragged(self, ids: tf.RaggedTensor, devices):
         if not ids.dtype.is_integer:
             raise ValueError(f"categorical ids must be int32 or int64, got {ids.dtype.name}.")
@@ -231,6 +285,29 @@ class EmbeddingTables(tf.keras.layers.Layer):
         )
         return config
 
+
+
+# -- XLA --------------------------------------------------------------------------------
+def _in_xla_context() -> bool:
+    """True while tracing inside a ``jit_compile`` function (or an XLA cluster)."""
+    from tensorflow.python.ops import control_flow_util
+
+    graph = tf.compat.v1.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+
+
+_WARNED_UNCHECKED: set = set()
+
+
+def _warn_unchecked_once(name: str) -> None:
+    if name not in _WARNED_UNCHECKED:
+        _WARNED_UNCHECKED.add(name)
+        import warnings
+
+        warnings.warn(f"{name}: categorical ids are not range-checked inside an XLA cluster (XLA cannot raise); "
+                      f"out-of-range ids are clamped there. tfdlrm's models check ids before their compiled "
+                      f"steps; check them yourself when you compile the layer in your own function.",
+                      stacklevel=3)
 
 
 # -- placement helpers --------------------------------------------------------------

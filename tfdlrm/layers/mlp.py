@@ -16,6 +16,11 @@ class MLP(tf.keras.layers.Layer):
 
     Initialisation as the reference DLRM: weights normal(0, sqrt(2 / (fan_in +
     fan_out))), biases normal(0, sqrt(1 / fan_out)).
+
+    Mixed precision: with ``dtype="mixed_bfloat16"`` every layer computes in bfloat16
+    (weights stay float32); ``float32_last=True`` keeps the last layer (a logit, say)
+    in float32.  Variable names do not depend on the precision, so checkpoints load
+    either way.
     """
 
     def __init__(
@@ -23,9 +28,11 @@ class MLP(tf.keras.layers.Layer):
         widths: Sequence[int],
         activation: Optional[str] = "relu",
         final_activation: Optional[str] = "relu",
+        float32_last: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.float32_last = bool(float32_last)
         widths = [int(w) for w in widths]
         if not widths or any(w <= 0 for w in widths):
             raise ValueError(f"MLP widths must be a non-empty list of positive ints, got {widths}.")
@@ -49,6 +56,7 @@ class MLP(tf.keras.layers.Layer):
                 ),
                 bias_initializer=tf.keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / width)),
                 name=f"dense_{i}",
+                dtype="float32" if last and self.float32_last else self.dtype_policy,
             )
             layer.build(tf.TensorShape([None, fan_in]))
             self.dense_layers.append(layer)
@@ -69,6 +77,7 @@ class MLP(tf.keras.layers.Layer):
             widths=list(self.widths),
             activation=self.activation,
             final_activation=self.final_activation,
+            float32_last=self.float32_last,
         )
         return config
 

@@ -1,0 +1,301 @@
+"""The fast training step, and the speed switches (``--xla``, ``--mixed-precision``).
+
+On one device, ``model.fit`` runs :meth:`FastTrainStep.train_step` instead of Keras's
+stock step.  The step is the same maths, split so that each part runs where it is
+fastest on a CPU (see ``docs/benchmarks.md`` for the profiles behind this):
+
+    ids --[XLA] gather every table (bags: TensorFlow's gather, XLA's sum), and "is any id out
+        of range?"--> embedded
+        (outside XLA: an out-of-range id raises here, naming its feature, before any update)
+    dense, embedded --[TensorFlow/oneDNN] MLPs + interaction, loss, backward--> gradients
+        (d loss / d embedded, not d loss / d table: no tape over the 1M-row tables)
+    gradients --[XLA] optimizer: dense weights, and each table's looked-up rows--> updated
+
+TensorFlow's CPU kernels for row scatters (``ResourceScatterAdd``,
+``ResourceSparseApplyAdagradV2``) cost several hundred nanoseconds a row, and every
+small op pays the executor's dispatch cost; XLA compiles the 26 gathers and the 26
+row updates into a few tight loops.  XLA's CPU matrix multiplies, however, are slower
+than oneDNN's, and oneDNN has bfloat16 kernels (``avx512_bf16``/AMX) that XLA's CPU
+backend lacks: so the MLPs stay in TensorFlow.  ``xla="full"`` compiles the whole
+step instead (ids still checked before it); ``xla="off"`` is Keras's stock step.
+
+Updates stay sparse either way: SGD adds into the looked-up rows; Adagrad sums the
+gradients of duplicate ids (a sort, since XLA needs static shapes), adds their squares
+to the accumulator rows and updates the same rows, exactly as
+``ResourceSparseApplyAdagradV2``.  Other optimizers (Adam, SGD with momentum, TFRS's
+``CompositeOptimizer``) are applied by TensorFlow, outside XLA.
+
+The fast step applies to one device (no ``tf.distribute`` strategy, no parallel
+runner, no row-split tables) and dense ids (one-hot or fixed bags); otherwise the
+stock step runs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+
+XLA_MODES = ("sparse", "full", "off")
+MIXED_PRECISIONS = ("bf16", "off")
+AUTO = "auto"
+
+
+# -- the switches ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (``avx512_bf16`` or AMX)?  Only then is
+    bf16 faster than float32 here; elsewhere oneDNN emulates it, slowly."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_mixed_precision(value: Optional[str]) -> Optional[str]:
+    """``auto`` -> ``bf16`` on a CPU with native bfloat16 and no GPU, else off;
+    ``bf16``; ``off``/None.  Returns ``"bf16"`` or None."""
+    if value in (None, "off", "float32", "fp32"):
+        return None
+    if value == "bf16":
+        return "bf16"
+    if value == AUTO:
+        return "bf16" if native_bf16() and not tf.config.list_physical_devices("GPU") else None
+    raise UserError(f"unknown mixed precision {value!r}; choose one of: auto, {', '.join(MIXED_PRECISIONS)}")
+
+
+def resolve_xla(value: Optional[str], parallel_mode: Optional[str] = None) -> str:
+    """``auto`` -> ``sparse`` on one device (``parallel_mode`` none/None), else ``off``
+    (multi-device steps are built by ``tfdlrm.parallel``, not compiled)."""
+    if value is None or value == AUTO:
+        return "sparse" if parallel_mode in (None, "none") else "off"
+    if value not in XLA_MODES:
+        raise UserError(f"unknown --xla mode {value!r}; choose one of: auto, {', '.join(XLA_MODES)}")
+    if value != "off" and parallel_mode not in (None, "none"):
+        raise UserError(f"--xla {value} applies to one device; --parallel {parallel_mode} builds its own step "
+                        f"(use --xla off)")
+    return value
+
+
+def use_fast_step(model, xla: str = "sparse") -> None:
+    """Make ``model.fit`` use the fast step (``xla`` sparse or full), or the stock one (off)."""
+    if xla not in XLA_MODES:
+        raise UserError(f"unknown --xla mode {xla!r}; choose one of: {', '.join(XLA_MODES)}")
+    if xla == "full" and getattr(model, "optimizer", None) is not None and sparse_update_kind(model.optimizer) is None:
+        raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and adagrad, "
+                        f"not {type(model.optimizer).__name__}; use --xla sparse")
+    model.fast_step = None if xla == "off" else FastTrainStep(xla)
+    model.train_function = None  # Keras traces its train function again
+
+
+def sparse_update_kind(optimizer) -> Optional[str]:
+    """``sgd`` or ``adagrad`` when the fast step can apply ``optimizer`` inside XLA, else None."""
+    legacy = tf.keras.optimizers.legacy
+    if type(optimizer) is legacy.SGD and not optimizer._momentum and not optimizer.nesterov:  # noqa: SLF001
+        return "sgd"
+    if type(optimizer) is legacy.Adagrad:
+        return "adagrad"
+    return None
+
+
+# -- the step ----------------------------------------------------------------------------------------------------------
+class FastTrainStep:
+    """``model.train_step`` for one device; see the module docstring.  ``mode`` is
+    ``sparse`` (gathers and updates compiled) or ``full`` (the whole step compiled)."""
+
+    def __init__(self, mode: str = "sparse"):
+        if mode not in ("sparse", "full"):
+            raise ValueError(f"FastTrainStep mode must be sparse or full, got {mode!r}")
+        self.mode = mode
+        self._functions: dict = {}
+        self.compiled_functions: list = []  # the jit_compile tf.functions, for tests and reports
+
+    # Which batches and models the fast step takes; the stock step takes the rest.
+    @staticmethod
+    def applies(model, x) -> bool:
+        if getattr(model, "parallel_runner", None) is not None or tf.distribute.has_strategy():
+            return False
+        if not isinstance(x, dict) or isinstance(x.get("sparse"), (tf.RaggedTensor, tf.SparseTensor)):
+            return False
+        layer = model.sparse_arch
+        if any(getattr(t, "is_sharded_variable", False) for t in layer.tables):
+            return False
+        sparse = x.get("sparse")
+        rank = getattr(getattr(sparse, "shape", None), "rank", None)
+        return rank in (2, 3)
+
+    def train_step(self, model, data):
+        """The step's metrics, or None when the batch or model is not for the fast step."""
+        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        if not self.applies(model, x):
+            return None
+        from tfdlrm.models import check_features
+
+        dense, sparse = check_features(x, model.config, type(model).__name__)
+        sparse = tf.convert_to_tensor(sparse)
+        if not sparse.dtype.is_integer:
+            raise ValueError(f"categorical ids must be int32 or int64, got {sparse.dtype.name}.")
+        layer = model.sparse_arch
+        if self.mode == "sparse":
+            embedded, bad = self._function(model, "lookup")(sparse)
+            if layer.check_ids:
+                # Raises (naming the feature) before the update below, which needs its output.
+                sparse = layer.raise_if_out_of_range(sparse, bad)
+            dense_variables = _dense_variables(model)
+            with tf.GradientTape() as tape:
+                tape.watch(embedded)
+                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+                y_pred = tf.keras.activations.sigmoid(logits)
+                loss = model.compute_loss(x, y, y_pred, sample_weight)
+            model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
+            grads = tape.gradient(loss, dense_variables + [embedded])
+            self._function(model, "apply")(grads[:-1], grads[-1], sparse)
+        else:
+            if layer.check_ids:
+                sparse = layer.raise_if_out_of_range(sparse)
+            y_pred = self._function(model, "full")(x, dense, sparse, y, sample_weight)
+        return model.compute_metrics(x, y, y_pred, sample_weight)
+
+    # -- the compiled parts --------------------------------------------------------------------------------------
+    def _function(self, model, name: str):
+        if name not in self._functions:
+            _create_slots(model)
+            make = {"lookup": self._make_lookup, "apply": self._make_apply, "full": self._make_full}[name]
+            fn, compiled = make(model)
+            self._functions[name] = fn
+            if compiled:
+                self.compiled_functions.append(fn)
+        return self._functions[name]
+
+    @staticmethod
+    def _make_lookup(model):
+        """One-hot ids: the gathers compiled by XLA (a few rows each, where TensorFlow's
+        per-op cost dominates).  Bags (``ids_per_lookup > 1``): TensorFlow's gather, which
+        copies whole rows, then the bag sums compiled by XLA; XLA's CPU gather fused with
+        the sum went element by element (2.3x slower for 100 ids x 64 floats) and
+        TensorFlow's sum over the bag axis took twice XLA's time."""
+        layer = model.sparse_arch
+        if model.config.ids_per_lookup == 1:
+            def lookup(ids):
+                return layer.embed(ids), layer.out_of_range(ids)
+
+            return tf.function(lookup, jit_compile=True, reduce_retracing=True), True
+
+        def pool(rows):  # per table [batch, k, dim] -> [batch, tables, dim]
+            reduce = tf.reduce_sum if layer.pooling == "sum" else tf.reduce_mean
+            return tf.stack([reduce(r, axis=1) for r in rows], axis=1)
+
+        pool = tf.function(pool, jit_compile=True, reduce_retracing=True)
+
+        def lookup_bags(ids):
+            if layer.check_ids:  # before TensorFlow's gather, whose own error names no feature
+                ids = layer.raise_if_out_of_range(ids)
+            rows = [tf.gather(table, ids[:, f]) for f, table in enumerate(layer.tables)]
+            return pool(rows), tf.constant(False)
+
+        lookup_bags.pool = pool
+        return tf.function(lookup_bags, reduce_retracing=True), False
+
+    @staticmethod
+    def _make_apply(model):
+        kind = sparse_update_kind(model.optimizer)
+
+        def apply(dense_grads, embedded_grad, ids):
+            apply_gradients(model, dense_grads, embedded_grad, ids, kind)
+
+        return tf.function(apply, jit_compile=kind is not None, reduce_retracing=True), kind is not None
+
+    @staticmethod
+    def _make_full(model):
+        kind = sparse_update_kind(model.optimizer)
+        if kind is None:
+            raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and "
+                            f"adagrad, not {type(model.optimizer).__name__}; use --xla sparse")
+
+        def full(x, dense, ids, y, sample_weight):
+            embedded = model.sparse_arch.embed(ids)
+            dense_variables = _dense_variables(model)
+            with tf.GradientTape() as tape:
+                tape.watch(embedded)
+                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+                y_pred = tf.keras.activations.sigmoid(logits)
+                loss = model.compute_loss(x, y, y_pred, sample_weight)
+            grads = tape.gradient(loss, dense_variables + [embedded])
+            apply_gradients(model, grads[:-1], grads[-1], ids, kind)
+            return y_pred
+
+        return tf.function(full, jit_compile=True, reduce_retracing=True), True
+
+
+def _dense_variables(model) -> list:
+    tables = {t.ref() for t in model.sparse_arch.tables}
+    return [v for v in model.trainable_variables if v.ref() not in tables]
+
+
+def _create_slots(model) -> None:
+    """The optimizer's slots, made now (outside any compiled function), as Keras's
+    first ``apply_gradients`` would."""
+    optimizer = model.optimizer
+    with tf.init_scope():
+        pairs = getattr(optimizer, "_optimizers_and_vars", None)  # TFRS CompositeOptimizer
+        if pairs:
+            for opt, variables in pairs:
+                opt._create_all_weights(list(variables()))  # noqa: SLF001
+        else:
+            optimizer._create_all_weights(model.trainable_variables)  # noqa: SLF001
+
+
+def apply_gradients(model, dense_grads, embedded_grad, ids, kind: Optional[str]) -> None:
+    """One optimizer step: ``dense_grads`` for the dense weights (in
+    ``_dense_variables`` order), ``embedded_grad`` = d loss / d embedded for the tables.
+
+    ``kind`` (see :func:`sparse_update_kind`): ``sgd`` and anything else go through
+    ``optimizer.apply_gradients`` with ``IndexedSlices`` for the tables (row updates);
+    ``adagrad`` applies the dense weights that way and the tables' rows below, in a
+    form XLA compiles (TensorFlow's sparse Adagrad kernel has no XLA version).
+    """
+    optimizer = model.optimizer
+    layer = model.sparse_arch
+    dense_pairs = list(zip(dense_grads, _dense_variables(model)))
+    table_grads = layer.sparse_gradients(embedded_grad, ids)
+    if kind != "adagrad":
+        optimizer.apply_gradients(dense_pairs + list(zip(table_grads, layer.tables)))
+        return
+    dtype = layer.tables[0].dtype
+    lr = tf.identity(optimizer._decayed_lr(dtype))  # noqa: SLF001 (before apply_gradients moves the step on)
+    epsilon = tf.convert_to_tensor(optimizer.epsilon, dtype)
+    optimizer.apply_gradients(dense_pairs)
+    for table, grad in zip(layer.tables, table_grads):
+        _adagrad_rows(table, optimizer.get_slot(table, "accumulator"), grad, lr, epsilon)
+
+
+def _adagrad_rows(table, accumulator, grad: tf.IndexedSlices, lr, epsilon) -> None:
+    """``ResourceSparseApplyAdagradV2`` on the rows of ``grad`` (duplicates summed first):
+    ``acc += g * g; table -= lr * g / (sqrt(acc) + epsilon)``."""
+    ids, values, valid = _sum_duplicates(grad.indices, grad.values)
+    accumulator.scatter_add(tf.IndexedSlices(values * values, ids))
+    acc = tf.gather(accumulator, ids)
+    step = tf.where(valid[:, None], lr * values / (tf.sqrt(acc) + epsilon), tf.zeros_like(values))
+    table.scatter_sub(tf.IndexedSlices(step, ids))
+
+
+def _sum_duplicates(indices, values):
+    """Static-shape ``tf.unique`` + segment sum, for XLA: ``(ids, sums, valid)`` with as
+    many rows as ``indices``; the first ``unique`` rows are the distinct ids (ascending)
+    with their summed values, the rest are padding (``valid`` false, values zero, id 0)."""
+    n = tf.shape(indices)[0]
+    order = tf.argsort(indices)
+    sorted_ids = tf.gather(indices, order)
+    first = tf.concat([[True], sorted_ids[1:] != sorted_ids[:-1]], axis=0)
+    segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
+    sums = tf.math.unsorted_segment_sum(tf.gather(values, order), segment, n)
+    ids = tf.math.unsorted_segment_sum(tf.where(first, sorted_ids, tf.zeros_like(sorted_ids)), segment, n)
+    valid = tf.range(n) <= segment[-1]
+    return ids, sums, valid
