@@ -148,14 +148,7 @@ class FastTrainStep:
             if layer.check_ids:
                 # Raises (naming the feature) before the update below, which needs its output.
                 sparse = layer.raise_if_out_of_range(sparse, bad)
-            dense_variables = _dense_variables(model)
-            with tf.GradientTape() as tape:
-                tape.watch(embedded)
-                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
-                y_pred = tf.keras.activations.sigmoid(logits)
-                loss = model.compute_loss(x, y, y_pred, sample_weight)
-            model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
-            grads = tape.gradient(loss, dense_variables + [embedded])
+            y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
             self._function(model, "apply")(grads[:-1], grads[-1], sparse)
         else:
             if layer.check_ids:
@@ -221,17 +214,23 @@ class FastTrainStep:
 
         def full(x, dense, ids, y, sample_weight):
             embedded = model.sparse_arch.embed(ids)
-            dense_variables = _dense_variables(model)
-            with tf.GradientTape() as tape:
-                tape.watch(embedded)
-                logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
-                y_pred = tf.keras.activations.sigmoid(logits)
-                loss = model.compute_loss(x, y, y_pred, sample_weight)
-            grads = tape.gradient(loss, dense_variables + [embedded])
+            y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
             apply_gradients(model, grads[:-1], grads[-1], ids, kind)
             return y_pred
 
         return tf.function(full, jit_compile=True, reduce_retracing=True), True
+
+
+def _loss_and_gradients(model, x, dense, embedded, y, sample_weight):
+    """Forward from looked-up ``embedded`` [batch, tables, dim]; returns (y_pred, loss, grads)
+    with grads in ``_dense_variables`` order followed by d loss / d embedded."""
+    with tf.GradientTape() as tape:
+        tape.watch(embedded)
+        logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+        y_pred = tf.keras.activations.sigmoid(logits)
+        loss = model.compute_loss(x, y, y_pred, sample_weight)
+    model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
+    return y_pred, loss, tape.gradient(loss, _dense_variables(model) + [embedded])
 
 
 def _dense_variables(model) -> list:
