@@ -272,7 +272,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points)
              for optimizer in args.optimizers for model in args.models for seed in args.seeds]
-    command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in (argv_of(args)))
+    # The command that reproduces the report: --retrain/--restart only say how this run treated
+    # earlier results, so they are left out.
+    reproduce = [a for a in argv_of(args) if a not in ("--retrain", "--restart")]
+    command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in reproduce)
     if args.export is not None and args.out is None:
         raise UserError("--export needs --out: the runs it exports are kept there")
     report = compare(specs, out=args.out, retrain=args.retrain, command=command)

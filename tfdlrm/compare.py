@@ -223,7 +223,8 @@ def export_best(report: Comparison, base: Optional[str] = None, log: Callable[[s
 def write_report(report: Comparison, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     first = report.specs[0]
-    shared = {k: v for k, v in first.to_dict().items() if k not in PER_RUN}
+    # How this invocation treated earlier results (restart) is no setting of the runs.
+    shared = {k: v for k, v in first.to_dict().items() if k not in PER_RUN + ("restart",)}
     data = {
         "command": report.command,
         "settings": shared,
