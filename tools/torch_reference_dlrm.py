@@ -7,7 +7,7 @@ normal(0, sqrt(2/(fan_in+fan_out))), biases normal(0, sqrt(1/fan_out)); bottom M
 bottom output; top MLP 367-512-256-1 with a sigmoid on the last layer; BCELoss(mean);
 torch.optim.SGD over all parameters; shuffled mini-batches each epoch.
 
-Usage: python torch_reference_dlrm.py FILE.npz [--seeds 1,2,3] [--lr 0.1] [--batch-size 128] [--epochs 3]
+Usage: python torch_reference_dlrm.py FILE.npz [--seeds 1,2,3] [--lr 0.1] [--batch-size 128] [--epochs 3] [--per-epoch]
 """
 import argparse
 
@@ -73,6 +73,7 @@ def main():
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--per-epoch", action="store_true", help="also print the held-out AUC after each epoch")
     args = p.parse_args()
     torch.set_num_threads(2)
     data = np.load(args.npz)
@@ -95,6 +96,9 @@ def main():
                 loss = loss_fn(model(dense[idx], sparse[idx]), labels[idx])
                 loss.backward()
                 optimizer.step()
+            if args.per_epoch:
+                with torch.no_grad():
+                    print(f"  epoch {_ + 1}: {auc(test_labels, model(test_dense, test_sparse).numpy().ravel()):.4f}")
         with torch.no_grad():
             scores = model(test_dense, test_sparse).numpy().ravel()
         results.append(auc(test_labels, scores))

@@ -1,0 +1,59 @@
+"""Trains tools/torch_reference_dlrm.py's PyTorch DLRM for one seed and saves what a replay
+in TensorFlow needs: the initial weights, each epoch's batch order, the loss of every step
+and the held-out AUC.  Run in the torch venv (see tools/README.md).
+
+Usage: python torch_replay_dump.py FILE.npz SEED OUT.npz [--lr 0.1] [--batch-size 128] [--epochs 3]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_reference_dlrm import DLRM, auc  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("npz")
+    p.add_argument("seed", type=int)
+    p.add_argument("out")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    data = np.load(args.npz)
+    dense, sparse, labels = (torch.tensor(data[k]) for k in ("tr_dense", "tr_sparse", "tr_y"))
+    sparse = sparse.long()
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = DLRM(data["rows"])
+    # tables 0..25, then (weight [out, in], bias) per Linear: bottom MLP, top MLP
+    initial = {f"p{i}": t.detach().numpy().copy() for i, t in enumerate(model.parameters())}
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    loss_fn = nn.BCELoss(reduction="mean")
+    orders, losses = [], []
+    for _ in range(args.epochs):
+        order = torch.randperm(len(dense))
+        orders.append(order.numpy())
+        for i in range(0, len(dense), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(dense[idx], sparse[idx]), labels[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    with torch.no_grad():
+        scores = model(torch.tensor(data["te_dense"]), torch.tensor(data["te_sparse"]).long()).numpy().ravel()
+    held_out = auc(data["te_y"].ravel(), scores)
+    print(f"seed {args.seed}: held-out AUC {held_out:.4f}")
+    np.savez(args.out, orders=np.stack(orders), losses=np.array(losses), auc=held_out,
+             lr=args.lr, batch_size=args.batch_size, **initial)
+
+
+if __name__ == "__main__":
+    main()
