@@ -24,8 +24,10 @@ demo: $(VENV)/.installed
 	    --train-examples 300000 --eval-examples 50000 --epochs 1 --batch-size 256 \
 	    --optimizers adagrad --lr 0.02 --out runs/demo --export
 
+# TEST_WORKERS=1 runs the suite in one process (plain `pytest` does too).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache
