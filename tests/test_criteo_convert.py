@@ -177,13 +177,18 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(MALFORMED))
-def test_malformed_row_stops_the_conversion_with_file_and_line(tmp_path, kind):
-    bad, _, reason = MALFORMED[kind]
+def write_split_with_bad_row(tmp_path, bad: str) -> None:
+    """train.txt: 10 good rows with ``bad`` as line 5; test.txt: 3 good rows."""
     lines = numbered_lines(10)
     lines.insert(4, bad)
     write_lines(tmp_path / "train.txt", lines)
     write_lines(tmp_path / "test.txt", numbered_lines(3))
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_row_stops_the_conversion_with_file_and_line(tmp_path, kind):
+    bad, _, reason = MALFORMED[kind]
+    write_split_with_bad_row(tmp_path, bad)
     with pytest.raises(UserError) as error:
         converted(tmp_path, train=[str(tmp_path / "train.txt")], test=[str(tmp_path / "test.txt")])
     assert f"train.txt line 5: {reason}" in str(error.value)
@@ -194,10 +199,7 @@ def test_malformed_row_stops_the_conversion_with_file_and_line(tmp_path, kind):
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_malformed_row_is_counted_and_skipped(tmp_path, kind):
     bad, bad_kind, reason = MALFORMED[kind]
-    lines = numbered_lines(10)
-    lines.insert(4, bad)
-    write_lines(tmp_path / "train.txt", lines)
-    write_lines(tmp_path / "test.txt", numbered_lines(3))
+    write_split_with_bad_row(tmp_path, bad)
     result, out = converted(tmp_path, train=[str(tmp_path / "train.txt")], test=[str(tmp_path / "test.txt")],
                             on_bad_row="skip", hash_buckets=10)
     counts = result.manifest["splits"]["train"]
