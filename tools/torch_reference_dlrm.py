@@ -66,6 +66,41 @@ def auc(labels, scores):
     return (ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(labels) - pos))
 
 
+def load(path):
+    """The .npz's training tensors, held-out tensors and held-out labels."""
+    data = np.load(path)
+    train = (torch.tensor(data["tr_dense"]), torch.tensor(data["tr_sparse"]).long(), torch.tensor(data["tr_y"]))
+    held_out = (torch.tensor(data["te_dense"]), torch.tensor(data["te_sparse"]).long())
+    return data, train, held_out, data["te_y"].ravel()
+
+
+def train(model, train_data, lr, batch_size, epochs, after_epoch=None):
+    """Plain SGD on shuffled mini-batches (the last one of an epoch shorter); returns each
+    epoch's order and every step's loss.  ``after_epoch(epoch)`` runs after each epoch."""
+    dense, sparse, labels = train_data
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.BCELoss(reduction="mean")
+    orders, losses = [], []
+    for epoch in range(epochs):
+        order = torch.randperm(len(dense))
+        orders.append(order.numpy())
+        for i in range(0, len(dense), batch_size):
+            idx = order[i:i + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(dense[idx], sparse[idx]), labels[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        if after_epoch is not None:
+            after_epoch(epoch)
+    return orders, losses
+
+
+def held_out_auc(model, held_out, labels):
+    with torch.no_grad():
+        return auc(labels, model(*held_out).numpy().ravel())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("npz")
@@ -76,32 +111,16 @@ def main():
     p.add_argument("--per-epoch", action="store_true", help="also print the held-out AUC after each epoch")
     args = p.parse_args()
     torch.set_num_threads(2)
-    data = np.load(args.npz)
-    dense, sparse, labels = (torch.tensor(data[k]) for k in ("tr_dense", "tr_sparse", "tr_y"))
-    sparse = sparse.long()
-    test_dense, test_sparse = torch.tensor(data["te_dense"]), torch.tensor(data["te_sparse"]).long()
-    test_labels = data["te_y"].ravel()
+    data, train_data, held_out, labels = load(args.npz)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = DLRM(data["rows"])
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-        loss_fn = nn.BCELoss(reduction="mean")
-        for _ in range(args.epochs):
-            order = torch.randperm(len(dense))
-            for i in range(0, len(dense), args.batch_size):
-                idx = order[i:i + args.batch_size]
-                optimizer.zero_grad()
-                loss = loss_fn(model(dense[idx], sparse[idx]), labels[idx])
-                loss.backward()
-                optimizer.step()
-            if args.per_epoch:
-                with torch.no_grad():
-                    print(f"  epoch {_ + 1}: {auc(test_labels, model(test_dense, test_sparse).numpy().ravel()):.4f}")
-        with torch.no_grad():
-            scores = model(test_dense, test_sparse).numpy().ravel()
-        results.append(auc(test_labels, scores))
+        report = (lambda epoch: print(f"  epoch {epoch + 1}: {held_out_auc(model, held_out, labels):.4f}")
+                  ) if args.per_epoch else None
+        train(model, train_data, args.lr, args.batch_size, args.epochs, report)
+        results.append(held_out_auc(model, held_out, labels))
         print(f"seed {seed}: held-out AUC {results[-1]:.4f}", flush=True)
     print(f"mean {np.mean(results):.4f}  std {np.std(results, ddof=1) if len(results) > 1 else 0:.4f}  "
           f"over {len(results)} seeds")

@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference_dlrm import DLRM, auc  # noqa: E402
+from torch_reference_dlrm import DLRM, held_out_auc, load, train  # noqa: E402
 
 
 def main():
@@ -26,32 +25,16 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(2)
-    data = np.load(args.npz)
-    dense, sparse, labels = (torch.tensor(data[k]) for k in ("tr_dense", "tr_sparse", "tr_y"))
-    sparse = sparse.long()
+    data, train_data, held_out, labels = load(args.npz)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     model = DLRM(data["rows"])
     # tables 0..25, then (weight [out, in], bias) per Linear: bottom MLP, top MLP
     initial = {f"p{i}": t.detach().numpy().copy() for i, t in enumerate(model.parameters())}
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    loss_fn = nn.BCELoss(reduction="mean")
-    orders, losses = [], []
-    for _ in range(args.epochs):
-        order = torch.randperm(len(dense))
-        orders.append(order.numpy())
-        for i in range(0, len(dense), args.batch_size):
-            idx = order[i:i + args.batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(dense[idx], sparse[idx]), labels[idx])
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    with torch.no_grad():
-        scores = model(torch.tensor(data["te_dense"]), torch.tensor(data["te_sparse"]).long()).numpy().ravel()
-    held_out = auc(data["te_y"].ravel(), scores)
-    print(f"seed {args.seed}: held-out AUC {held_out:.4f}")
-    np.savez(args.out, orders=np.stack(orders), losses=np.array(losses), auc=held_out,
+    orders, losses = train(model, train_data, args.lr, args.batch_size, args.epochs)
+    result = held_out_auc(model, held_out, labels)
+    print(f"seed {args.seed}: held-out AUC {result:.4f}")
+    np.savez(args.out, orders=np.stack(orders), losses=np.array(losses), auc=result,
              lr=args.lr, batch_size=args.batch_size, **initial)
 
 
