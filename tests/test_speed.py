@@ -108,26 +108,38 @@ def _traced_args(net, fn, x, y):
 @pytest.mark.parametrize("optimizer, ids_per_lookup", [("sgd", 1), ("adagrad", 1), ("adagrad", 3), ("adam", 3)])
 def test_fast_step_trains_like_the_stock_step(optimizer, ids_per_lookup):
     # 64 examples x 26 features over 300-row tables: most batches look some rows up
-    # twice, so Adagrad's summing of duplicate ids is exercised too.  The short batch in
-    # between is an epoch's last (a new shape for the compiled functions).
+    # twice, so Adagrad's summing of duplicate ids is exercised too.
     config = get_preset("tiny", rows=300, ids_per_lookup=ids_per_lookup)
-    batches = [batch(config, n, seed=s) for s, n in enumerate((64, 11, 64))]
+    batches = [batch(config, 64, seed=s) for s in range(2)]
     stock = built(config, optimizer, "off")
     stock_losses = fit_batches(stock, batches)
     for xla in ("sparse", "full") if optimizer != "adam" else ("sparse",):
         fast = built(config, optimizer, xla)
         assert fit_batches(fast, batches) == pytest.approx(stock_losses, abs=1e-5), xla
         # Adagrad divides by the root of tiny accumulators early on, which magnifies the
-        # last-bit differences between XLA's and oneDNN's arithmetic (xla full): a row
-        # seen once, with a gradient near Adagrad's epsilon, moves lr * g / (|g| + eps).
-        tolerance = 5e-4 if optimizer == "adagrad" else 2e-5
+        # last-bit differences between XLA's and oneDNN's arithmetic (xla full).
+        tolerance = 2e-4 if optimizer == "adagrad" else 2e-5
         for a, b in zip(stock.trainable_variables, fast.trainable_variables):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=tolerance, err_msg=f"{xla} {a.name}")
         if optimizer == "adagrad":
             for t_stock, t_fast in zip(stock.sparse_arch.tables, fast.sparse_arch.tables):
                 np.testing.assert_allclose(stock.optimizer.get_slot(t_stock, "accumulator").numpy(),
                                            fast.optimizer.get_slot(t_fast, "accumulator").numpy(),
-                                           rtol=1e-5 if xla == "sparse" else 1e-3, atol=1e-10)
+                                           rtol=1e-5 if xla == "sparse" else 1e-3, atol=1e-12)
+
+
+def test_fast_step_matches_the_stock_step_across_an_epochs_short_last_batch():
+    # An epoch's last batch is shorter (16,267 Criteo rows = 127 x 128 + 11): a new shape
+    # for the compiled functions, and a mean over fewer rows.
+    config = get_preset("tiny", rows=300)
+    batches = [batch(config, n, seed=s) for s, n in enumerate((64, 11, 64))]
+    stock = built(config, "sgd", "off")
+    stock_losses = fit_batches(stock, batches)
+    for xla in ("sparse", "full"):
+        fast = built(config, "sgd", xla)
+        assert fit_batches(fast, batches) == pytest.approx(stock_losses, abs=1e-5), xla
+        for a, b in zip(stock.trainable_variables, fast.trainable_variables):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5, err_msg=f"{xla} {a.name}")
 
 
 def test_dcn_uses_the_fast_step_too():
