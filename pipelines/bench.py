@@ -103,6 +103,15 @@ def _rows_per_second_reduce(dataset) -> tuple[int, float]:
     return int(rows), time.perf_counter() - start
 
 
+def make_work_dir(prefix: str, tmp_dir: Optional[str] = None) -> Path:
+    """A new temporary directory under ``tmp_dir`` (default: the system's), or a UserError."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_dir))
+    except OSError as e:
+        raise UserError(f"cannot create a temporary directory in {tmp_dir or tempfile.gettempdir()}: "
+                        f"{e.strerror or e}") from None
+
+
 def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_sizes: Sequence[int] = (128, 1024, 4096),
                    repeats: int = 3, train_steps: int = 0, train_batch_size: int = 128, workers: int = 2,
                    verbatim: bool = False, tmp_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
@@ -115,11 +124,7 @@ def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_si
     src = Path(source) if source else default_source()
     if source and not src.is_file():
         raise UserError(f"--source file not found: {source}")
-    try:
-        work = Path(tempfile.mkdtemp(prefix="tfdlrm-bench-", dir=tmp_dir))
-    except OSError as e:
-        raise UserError(f"cannot create a temporary directory in {tmp_dir or tempfile.gettempdir()}: "
-                        f"{e.strerror or e}") from None
+    work = make_work_dir("tfdlrm-bench-", tmp_dir)
     try:
         raw = work / "train.txt"
         start = time.perf_counter()

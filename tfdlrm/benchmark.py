@@ -35,7 +35,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -255,7 +254,7 @@ def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int]
 
 def _tfrecord_source(config, batch_size: int, total_steps: int, rows: Optional[int], tmp_dir: Optional[str], log):
     """A converted Criteo dataset in a temporary directory, opened as ``train --data DIR`` does."""
-    from pipelines.bench import default_source, write_raw
+    from pipelines.bench import default_source, make_work_dir, write_raw
     from pipelines.criteo import ConvertSpec, convert
     from pipelines.sources import open_data
 
@@ -264,11 +263,7 @@ def _tfrecord_source(config, batch_size: int, total_steps: int, rows: Optional[i
                         "terabyte, mlperf or tiny")
     # 7-day split: 6/7 of the rows train; enough for one pass without repeating.
     rows = rows or batch_size * total_steps * 7 // 6 + 14 * batch_size
-    try:
-        work = Path(tempfile.mkdtemp(prefix="tfdlrm-bench-train-", dir=tmp_dir))
-    except OSError as e:
-        raise UserError(f"cannot create a temporary directory in {tmp_dir or tempfile.gettempdir()}: "
-                        f"{e.strerror or e}") from None
+    work = make_work_dir("tfdlrm-bench-train-", tmp_dir)
     raw = work / "train.txt"
     start = time.perf_counter()
     what = write_raw(raw, rows, default_source())

@@ -214,7 +214,7 @@ class CheckpointStore:
             record = dict(record, format=FORMAT, version=VERSION, name=name, files=files,
                           created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             write_atomic(self.dir / f"{name}.json",
-                         json.dumps(record, indent=1, allow_nan=False, default=_json_default) + "\n")
+                         json.dumps(record, indent=1, allow_nan=False, default=json_default) + "\n")
         except OSError as e:
             self._remove(name)
             raise UserError(f"cannot write checkpoint {self.dir / name}: {io_error_text(e)}") from None
@@ -280,7 +280,8 @@ class CheckpointStore:
             raise ValueError(f"its optimizer is at step {step}, its record says {record['step']}")
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps(default=...)`` for numpy scalars and arrays and tuples."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -441,8 +442,8 @@ def settings_differences(saved: dict, asked: dict, spec_defaults: Optional[dict]
         if key not in DATA_LOCATION and saved.get("data", {}).get(key) != value:
             out.append(f"data {key}: {_short(saved.get('data', {}).get(key))} != {_short(value)}")
     defaults = spec_defaults or {}
-    saved_spec = json.loads(json.dumps(saved.get("spec", {}), default=_json_default))
-    asked_spec = json.loads(json.dumps(asked.get("spec", {}), default=_json_default))
+    saved_spec = json.loads(json.dumps(saved.get("spec", {}), default=json_default))
+    asked_spec = json.loads(json.dumps(asked.get("spec", {}), default=json_default))
     for key, value in asked_spec.items():
         if key in RESUMABLE_CHANGES or key in COMPARED_ELSEWHERE or key in RESOLVED:
             continue

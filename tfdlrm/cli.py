@@ -289,6 +289,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_log(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a bench prints its progress: stderr under --json, so stdout holds only the JSON."""
+    return (lambda s: print(s, file=sys.stderr)) if args.json else print
+
+
 def argv_of(args: argparse.Namespace) -> list[str]:
     return getattr(args, "argv", None) or sys.argv[1:]
 
@@ -358,7 +363,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
     from pipelines.bench import bench_pipeline
 
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    log = progress_log(args)
     result = bench_pipeline(rows=args.rows, source=args.source, batch_sizes=args.batch_sizes,
                             repeats=args.repeats, train_steps=args.train_steps,
                             train_batch_size=args.train_batch_size, workers=args.workers, verbatim=args.verbatim,
@@ -373,7 +378,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
 
     from tfdlrm.export import bench_serving, format_bench_serving
 
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    log = progress_log(args)
     result = bench_serving(args.saved_model, signature=args.signature, requests=args.requests,
                            batch_size=args.batch_size, batches=args.batches, model=args.model, preset=args.preset,
                            rows=args.rows, log=log)
@@ -404,7 +409,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     from tfdlrm.benchmark import bench_train, format_suite, run_suite
 
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    log = progress_log(args)
     if args.suite:
         extra = []
         for flag in ("batch_size", "steps", "repeats", "warmup"):

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 from tfdlrm.callbacks import TrainingDiverged
 from tfdlrm.errors import UserError, io_error_text
 from tfdlrm.metrics import Evaluation
-from tfdlrm.training import METRICS_FILE, RUN_FILE, RunResult, TrainSpec, train, write_json
+from tfdlrm.training import METRICS_FILE, RUN_FILE, RunResult, TrainSpec, result_from_dict, train, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -130,10 +130,7 @@ def load_finished(run_dir: Path, spec: TrainSpec) -> Optional[RunResult]:
     if differences:
         raise UserError(f"{run_dir} holds results of other settings ({'; '.join(differences[:3])}); "
                         f"use another --out or pass --retrain")
-    data["evaluation"] = Evaluation(**{k: (float("nan") if v is None else v) for k, v in data["evaluation"].items()})
-    for key in ("train_seconds", "examples_per_second"):
-        data[key] = float("nan") if data.get(key) is None else data[key]
-    return RunResult(**data)
+    return result_from_dict(data)
 
 
 def diverged_result(spec: TrainSpec, error: TrainingDiverged) -> RunResult:

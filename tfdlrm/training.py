@@ -266,7 +266,7 @@ def write_json(path: Path, data: dict) -> None:
     """Write strict JSON (NaN and infinities become null) atomically: temporary file, then rename."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(_finite(data), indent=2, default=ckpt.json_default, allow_nan=False) + "\n")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -281,14 +281,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def model_config_for(spec: TrainSpec) -> ModelConfig:
