@@ -5,106 +5,18 @@
     deep network:   MLP(x0) (512-256)                                            [batch, 256]
     logit = Dense(1)([x_L, deep])                                                [batch, 1]
 
-``cross="v1"`` is the original DCN (a weight vector per layer); ``cross="v2"`` uses
-``tfrs.layers.dcn.Cross`` (DCN-v2: a matrix per layer, low rank with
-``cross_low_rank``).  Both share DLRM's embedding layer.
+``cross="v1"`` is the original DCN; ``cross="v2"`` stacks ``tfrs.layers.dcn.Cross`` (low rank
+with ``cross_low_rank``).  Both share DLRM's embedding layer (tfdlrm/layers/cross.py).
 """
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
-from tfdlrm.layers.mlp import MLP, mlp_parameter_count
-from tfdlrm.models import RecommenderModel, compute_policy, make_sparse_arch
+from tfdlrm.layers.cross import CrossV1, CrossV2Stack
+from tfdlrm.layers.mlp import MLP
+from tfdlrm.models.base import RecommenderModel, compute_policy, make_sparse_arch
 from tfdlrm.presets import CROSS_KINDS, ModelConfig
-
-
-class CrossV1(tf.keras.layers.Layer):
-    """The original DCN cross network: ``num_layers`` layers of
-    ``x_{l+1} = x0 * (x_l . w_l) + b_l + x_l`` with ``w_l, b_l`` of shape ``[D]``.
-
-    Input ``x0 [batch, D]`` -> output ``[batch, D]``.
-
-    ``w_l`` starts at normal(0, 1/D), ``b_l`` at 0.  Each layer multiplies by
-    ``x0``, so the output is a degree-(L+1) polynomial of the inputs; with Criteo's
-    log-count features (up to ~10) Glorot's sqrt(2/(D+1)) gave initial logits with a
-    standard deviation near 2 and runs that hit NaN within 10 SGD steps at lr 0.1
-    (tiny preset); 1/D keeps the initial logits near 0.4.
-    """
-
-    def __init__(self, num_layers: int = 6, **kwargs):
-        super().__init__(**kwargs)
-        if int(num_layers) < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}.")
-        self.num_layers = int(num_layers)
-        self._compiled = {}
-
-    def build(self, input_shape):
-        width = input_shape[-1]
-        if width is None:
-            raise ValueError(f"CrossV1 needs a known input width, got shape {input_shape}.")
-        self.kernels = [
-            self.add_weight(name=f"w_{i}", shape=(width, 1),
-                            initializer=tf.keras.initializers.RandomNormal(stddev=1.0 / width))
-            for i in range(self.num_layers)
-        ]
-        self.biases = [
-            self.add_weight(name=f"b_{i}", shape=(width,), initializer="zeros")
-            for i in range(self.num_layers)
-        ]
-        super().build(input_shape)
-
-    def call(self, x0, compiled=False):
-        """``compiled=True`` (the fast training step) runs the layers' elementwise products
-        and sums, forward and backward, as a few XLA loops instead of dozens of
-        TensorFlow ops over ``[batch, D]`` (DCN trained ~13% faster)."""
-        if not compiled:
-            return self._cross(x0)
-        if "fn" not in self._compiled:
-            self._compiled["fn"] = tf.function(self._cross, jit_compile=True, reduce_retracing=True)
-        return self._compiled["fn"](x0)
-
-    def _cross(self, x0):
-        x = x0
-        for w, b in zip(self.kernels, self.biases):
-            x = x0 * tf.matmul(x, w) + b + x  # (x_l . w_l) is [batch, 1]
-        return x
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_layers=self.num_layers)
-        return config
-
-
-class CrossV2Stack(tf.keras.layers.Layer):
-    """``num_layers`` TFRS ``Cross`` layers (DCN-v2): ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``.
-
-    Input ``x0 [batch, D]`` -> output ``[batch, D]``.
-    """
-
-    def __init__(self, num_layers: int = 6, low_rank: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        import tensorflow_recommenders as tfrs
-
-        self.num_layers = int(num_layers)
-        self.low_rank = low_rank
-        self.cross_layers = [
-            tfrs.layers.dcn.Cross(projection_dim=low_rank, kernel_initializer="glorot_uniform",
-                                  name=f"cross_{i}")
-            for i in range(self.num_layers)
-        ]
-
-    def call(self, x0):
-        x = x0
-        for layer in self.cross_layers:
-            x = layer(x0, x)
-        return x
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_layers=self.num_layers, low_rank=self.low_rank)
-        return config
+from tfdlrm.sizes import dcn_parameter_count
 
 
 class DCN(RecommenderModel):
@@ -149,17 +61,5 @@ class DCN(RecommenderModel):
 
     @staticmethod
     def parameter_count(config: ModelConfig, cross: str = "v1") -> int:
-        """Closed-form count: embeddings + cross layers + deep MLP + final logit."""
-        width = config.num_dense + config.num_tables * config.embedding_dim
-        if cross == "v1":
-            cross_params = config.cross_layers * 2 * width
-        elif config.cross_low_rank is None:
-            cross_params = config.cross_layers * (width * width + width)
-        else:
-            cross_params = config.cross_layers * (2 * width * config.cross_low_rank + width)
-        return (
-            sum(config.table_rows) * config.embedding_dim
-            + cross_params
-            + mlp_parameter_count(width, config.deep_mlp)
-            + (width + config.deep_mlp[-1]) + 1
-        )
+        """Closed-form count: embeddings + cross layers + deep MLP + final logit (tfdlrm/sizes.py)."""
+        return dcn_parameter_count(config, cross)

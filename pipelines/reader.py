@@ -1,33 +1,11 @@
-"""tf.data over a converted Criteo dataset (see ``pipelines/criteo.py`` for the layout).
+"""tf.data over converted shards: ``CriteoDataset(path).dataset(split, batch_size, seed)``.
 
-Each TFRecord record is a block of rows, raw little-endian int32 words, 40 a row.
-The pipeline never parses a row on its own::
-
-    shard files --TFRecordDataset--> block records --decode_raw--> int32 [rows, 40]
-        (training with a seed: shuffled file order, 4 files interleaved, a shuffle
-         buffer of blocks, then windows of rows permuted)
-        --bitcast/cast--> ({"dense", "sparse"}, label) per block or window
-        --rebatch(batch_size)--> the model's batches
-
-so the per-row cost is a memcpy or two, and per batch there is one slicing step.
-
-Shuffling (``seed`` given): the order of the shard files (when the split is not
-sharded over workers), 4 files read in turn, a shuffle buffer of
-``SHUFFLE_BLOCKS`` blocks (32 x 4096 rows), and a random permutation of the rows
-of each window of ``WINDOW_BLOCKS`` consecutive blocks.  Every epoch gets a new
-order, the same for the same seed.  A batch thus mixes rows from about 8 blocks
-drawn from ~130k rows of 4 files, not from the whole split: for data written in
-time order, convert with ``--shuffle`` (a full shuffle of the training split).
-
-Workers (``input_context`` with several input pipelines): blocks are dealt
-round-robin in file order (pipeline i keeps blocks i, i + n, ...), so the
-pipelines' rows are disjoint, cover the split, and differ in size by at most one
-block.  Every pipeline reads the files but decodes only its own blocks.
+Records are decoded a block at a time (batch before parsing), shuffled by block windows,
+and resumable at any batch.  See docs/data.md.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -35,57 +13,14 @@ from typing import Optional
 
 import tensorflow as tf
 
-from pipelines.criteo import FORMAT_NAME, MANIFEST, ROW_WORDS, SCHEMA_VERSION
-from pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+from pipelines.features import NUM_DENSE
+from pipelines.manifest import ROW_WORDS, read_manifest
 from tfdlrm.errors import UserError
 
 SHUFFLE_BLOCKS = 32
 WINDOW_BLOCKS = 8
 READ_BUFFER = 4 << 20
 INTERLEAVE_FILES = 4
-
-
-def load_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a converted dataset, checked: format, version, and its files present."""
-    return _load(Path(path))[0]
-
-
-def _load(root: Path) -> tuple[dict, bytes]:
-    file = root / MANIFEST
-    if not root.is_dir():
-        raise UserError(f"{root} is not a directory (a converted Criteo dataset is a directory with {MANIFEST})")
-    if not file.is_file():
-        raise UserError(f"{root} is not a converted Criteo dataset: {MANIFEST} not found "
-                        f"(convert raw files with `python -m tfdlrm convert`)")
-    try:
-        raw = file.read_bytes()
-        manifest = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file} is unreadable: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise UserError(f"{file} is not a tfdlrm Criteo manifest")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise UserError(f"{root} has schema version {version}; this tfdlrm reads version {SCHEMA_VERSION} "
-                        f"(convert the raw files again)")
-    try:
-        record = manifest["record"]
-        if record["bytes_per_row"] != 4 * ROW_WORDS or record["byte_order"] != "little":
-            raise UserError(f"{root}: unsupported record layout {record}")
-        if len(manifest["table_sizes"]) != NUM_CATEGORICAL:
-            raise UserError(f"{root}: manifest has {len(manifest['table_sizes'])} table sizes, "
-                            f"expected {NUM_CATEGORICAL}")
-        for split, info in manifest["splits"].items():
-            for entry in info["files"]:
-                shard = root / entry["path"]
-                if not shard.is_file():
-                    raise UserError(f"{root} is damaged: {entry['path']} (of the {split} split) is missing")
-                if shard.stat().st_size != entry["bytes"]:
-                    raise UserError(f"{root} is damaged: {entry['path']} has {shard.stat().st_size:,} bytes, "
-                                    f"the manifest says {entry['bytes']:,}")
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{file} is incomplete or damaged (missing {e})") from None
-    return manifest, raw
 
 
 def decode_block(record: tf.Tensor) -> tf.Tensor:
@@ -106,7 +41,7 @@ class CriteoDataset:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
-        self.manifest, raw = _load(self.path)
+        self.manifest, raw = read_manifest(self.path)
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.table_sizes = tuple(int(n) for n in self.manifest["table_sizes"])
         self.rows_per_block = int(self.manifest["record"]["rows_per_block"])

@@ -6,7 +6,7 @@ come from, never in what a batch looks like (see :mod:`pipelines`).
 
 ``spec`` is ``random``, ``synthetic``, a converted Criteo dataset directory
 (``python -m tfdlrm convert``), or a raw Criteo TSV file (plain or gzip): a raw
-file is converted once into a cache directory (``pipelines.criteo.cached_conversion``)
+file is converted once into a cache directory (``pipelines.cache.cached_conversion``)
 and read from there afterwards.
 """
 from __future__ import annotations
@@ -20,9 +20,8 @@ import tensorflow as tf
 
 from pipelines.generators import RandomData, SyntheticData
 from tfdlrm.errors import UserError
-from tfdlrm.presets import CRITEO_DENSE, ModelConfig
+from tfdlrm.presets import CRITEO_DENSE, GENERATED, ModelConfig
 
-GENERATED = ("random", "synthetic")
 # Synthetic rows are generated in blocks of this many, so that the data set is the
 # same whatever the batch size (batches are cut from the stream of blocks).
 SYNTHETIC_BLOCK = 1024
@@ -118,8 +117,9 @@ class GeneratedSource(DataSource):
         if self.name != "synthetic":
             return None
         if self._teacher_auc is None:
-            from tfdlrm.metrics import exact_auc
             import numpy as np
+
+            from tfdlrm.metrics import exact_auc
 
             labels, probabilities = [], []
             for _, y, p in self._blocks("eval", self.eval_examples, batch_size, None, 0, with_teacher=True):
@@ -236,7 +236,7 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
         _refuse(raw_options, f"a converted dataset ({spec})")
         return CriteoSource(path, config)
     if path.is_file():
-        from pipelines.criteo import cached_conversion
+        from pipelines.cache import cached_conversion
 
         if eval_data is not None and not Path(eval_data).is_file():
             raise UserError(f"--eval-data file not found: {eval_data}")

@@ -1,15 +1,8 @@
 """Reading Criteo's raw TSV fast: chunks of whole lines, parsed with vectorised numpy.
 
-Why not pandas or TensorFlow's CSV ops (measured on this 2-core machine, 1M real
-rows tiled from ``kaggle_split/train.txt``, see the README's "Criteo data" section):
-``pandas.read_csv`` with explicit dtypes reads 400k rows/s but keeps the 26 hex
-columns as Python strings, and turning those into integers halves that to 200k
-rows/s; ``tf.data.TextLineDataset`` + ``tf.io.decode_csv`` reaches 330k rows/s on
-both cores, before any hex parsing.  Neither says which *line* a bad value is on.
-This module splits a chunk of bytes into fields with a few array operations and
-parses 8-hex-digit and up-to-8-digit decimal fields with 64-bit SWAR arithmetic
-(one unaligned 8-byte load per field), at about 400k rows/s per core, and knows
-the line number of every rejected row.
+It splits a chunk of bytes into fields with a few array operations and parses the
+fields with 64-bit SWAR arithmetic, and knows the line number of every rejected row
+(why not pandas or TensorFlow's CSV ops, measured: docs/data.md).
 
 Row grammar (anything else is a bad row)::
 
@@ -38,7 +31,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from pipelines.features import NUM_CATEGORICAL, NUM_DENSE, NUM_FIELDS, FIELD_NAMES
+from pipelines.features import FIELD_NAMES, NUM_CATEGORICAL, NUM_DENSE, NUM_FIELDS
 from tfdlrm.errors import UserError
 
 CHUNK_BYTES = 8 << 20

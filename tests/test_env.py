@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.helpers import REPO
 
 
 def python(code: str, **env):

@@ -26,7 +26,7 @@ from tfdlrm.presets import PRESET_NAMES, ModelConfig, get_preset  # noqa: E402
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DLRM": "tfdlrm.models",
+    "DLRM": "tfdlrm.models.dlrm",
     "DCN": "baselines.dcn",
     "EmbeddingTables": "tfdlrm.layers",
     "MLP": "tfdlrm.layers",

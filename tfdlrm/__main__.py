@@ -1,6 +1,6 @@
 """``python -m tfdlrm``: see :mod:`tfdlrm.cli`."""
 import sys
 
-from tfdlrm.cli import main
+from tfdlrm.cli.main import main
 
 sys.exit(main(restart=True))

@@ -1,18 +1,8 @@
 """Side-by-side comparison: several models (and optimizers, seeds) on the same data.
 
-Every run gets the same data, split, batch size, epochs and seeds; only the model
-and optimizer differ.  ``--out DIR`` receives::
-
-    runs/<model>-<optimizer>-seed<seed>/   one training run each (run.json, checkpoints, metrics.json)
-    report.json   per run: auc, logloss, accuracy, params, train_seconds, examples_per_second,
-                  and per model and optimizer their mean and standard deviation over seeds
-    report.md     the same as tables, with the command that produced it
-    curves.png    training and held-out accuracy and log loss against examples seen
-
-A run whose ``metrics.json`` already holds results for the same settings is not
-trained again, and one killed part way resumes from its newest checkpoint (the
-comparison resumes); ``retrain=True`` trains every run again from scratch.  A run directory
-holding results of *other* settings is refused rather than silently mixed in.
+Every run gets the same data, split, batch size, epochs and seeds; only the model and
+optimizer differ.  ``--out DIR`` gets ``runs/<model>-<optimizer>-seed<seed>/`` (one run
+each, resumable), ``report.json``, ``report.md`` and ``curves.png``.  See docs/training.md.
 """
 from __future__ import annotations
 
@@ -23,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from tfdlrm.callbacks import TrainingDiverged
-from tfdlrm.errors import UserError, io_error_text
+from tfdlrm.errors import TrainingDiverged, UserError, io_error_text
 from tfdlrm.metrics import Evaluation
-from tfdlrm.training import METRICS_FILE, RUN_FILE, RunResult, TrainSpec, result_from_dict, train, write_json
+from tfdlrm.training.loop import train
+from tfdlrm.training.rundir import METRICS_FILE, RUN_FILE, write_json
+from tfdlrm.training.spec import RunResult, TrainSpec, result_from_dict
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -186,8 +177,15 @@ def export_best(report: Comparison, base: Optional[str] = None, log: Callable[[s
     A model whose latest exported version came from the same checkpoint is not
     exported again, so rerunning a finished comparison adds no versions.
     """
-    from tfdlrm.export import EXPORT_INFO, EXTRA_DIR, default_base, export_run, versions
     import tensorflow as tf
+
+    from tfdlrm.serving.export import (
+        EXPORT_INFO,
+        EXTRA_DIR,
+        default_base,
+        export_run,
+        versions,
+    )
 
     best: dict[str, tuple[float, TrainSpec]] = {}
     for spec, result in zip(report.specs, report.results):

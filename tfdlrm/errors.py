@@ -1,4 +1,12 @@
-"""The one exception type that the command line turns into a one-line message."""
+"""The errors the command line turns into one line (no traceback).
+
+``UserError`` is anything wrong with what the user asked for or gave; ``TrainingDiverged``
+is a loss or weight that became NaN or infinite.  See docs/fault-tolerance.md.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
 
 
 class UserError(Exception):
@@ -23,3 +31,13 @@ def io_error_text(error: BaseException) -> str:
     text = re.sub(r"\s*\[Op:\w+\]", "", text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, last_checkpoint: Optional[str],
+                 what: str = "the loss became NaN or infinite"):
+        self.step, self.epoch, self.last_checkpoint = step, epoch, last_checkpoint
+        where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved before it"
+        super().__init__(f"training diverged: {what} at step {step} (epoch {epoch}); {where}; try a lower --lr")

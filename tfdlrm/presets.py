@@ -1,4 +1,4 @@
-"""Model configurations as dataclasses, and the named presets.
+"""The config layer: model configurations, the named presets, and every choice list.
 
 MLP shapes use the paper's (and the reference's ``--arch-mlp-*``) notation:
 ``bottom_mlp`` starts with the number of dense features (``13-512-256-64-16``);
@@ -16,9 +16,36 @@ from tfdlrm.errors import UserError
 
 CRITEO_DENSE = 13
 CRITEO_TABLES = 26
+
+# -- every choice list, defined once (the command line's choices and the checks use these) --
+MODEL_NAMES = ("dlrm", "dcn", "dcn-v2")
+OPTIMIZER_NAMES = ("sgd", "adagrad", "adam")
 INTERACTIONS = ("dot", "cat")
 POOLINGS = ("sum", "mean")
 CROSS_KINDS = ("v1", "v2")
+PARALLEL_MODES = ("none", "hybrid", "mirrored", "ps")
+AUTO = "auto"  # --xla and --mixed-precision also take auto: chosen for the machine and the parallel mode
+XLA_MODES = ("sparse", "full", "off")
+MIXED_PRECISIONS = ("bf16", "off")
+FORMATS = ("kaggle", "terabyte")  # raw Criteo layouts that convert reads
+BAD_ROW_POLICIES = ("error", "skip")
+GENERATED = ("random", "synthetic")  # --data that needs no files
+
+
+
+# -- names of the categorical features and their tables ----------------------------------------
+def default_feature_names(count: int) -> list[str]:
+    """Criteo's column names for categorical features: C1, C2, ..."""
+    return [f"C{i + 1}" for i in range(count)]
+
+
+def table_variable_name(feature: str) -> str:
+    """The variable (and checkpoint) name of a feature's table: ``table_C1``.
+
+    Placement (``tfdlrm.parallel``) finds tables by this name; it never depends on
+    the device a table lives on, so checkpoints move between device counts.
+    """
+    return f"table_{feature}"
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,15 @@
 """Write a Criteo dataset's train and held-out splits, as tfdlrm's reader yields them, to .npz.
 
-Usage: .venv/bin/python tools/dump_dataset_npz.py DATA [--eval-data HELDOUT] [--min-frequency T |
+Usage (from the repository root): .venv/bin/python -m tools.dump_dataset_npz DATA [--eval-data HELDOUT] [--min-frequency T |
        --hash-buckets N] --out FILE.npz
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import tfdlrm  # noqa: E402,F401  (before tensorflow)
-from pipelines.sources import open_data  # noqa: E402
-from tfdlrm.presets import get_preset  # noqa: E402
+import tfdlrm  # noqa: F401  (before tensorflow)
+from pipelines.sources import open_data
+from tfdlrm.presets import get_preset
 
 
 def collect(dataset):

@@ -4,21 +4,18 @@ for the same seed (``--init tfdlrm``); prints both runs' losses at a few steps, 
 step where they differ by more than 1e-3, and both held-out AUCs.  Run with .venv/bin/python
 from the repository root.
 
-Usage: python tools/tf_replay.py FILE.npz DUMP.npz [--init torch|tfdlrm] [--seed S]
+Usage (from the repository root): .venv/bin/python -m tools.tf_replay FILE.npz DUMP.npz [--init torch|tfdlrm] [--seed S]
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tfdlrm  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-import tensorflow as tf  # noqa: E402
+import tfdlrm  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import tensorflow as tf
 
-from tfdlrm.metrics import exact_auc  # noqa: E402
-from tfdlrm.presets import get_preset  # noqa: E402
-from tfdlrm.training import build_model, compile_model  # noqa: E402
+from tfdlrm.metrics import exact_auc
+from tfdlrm.presets import get_preset
+from tfdlrm.training.compile import build_model, compile_model
 
 
 def main():

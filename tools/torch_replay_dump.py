@@ -5,14 +5,11 @@ and the held-out AUC.  Run in the torch venv (see tools/README.md).
 Usage: python torch_replay_dump.py FILE.npz SEED OUT.npz [--lr 0.1] [--batch-size 128] [--epochs 3]
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference_dlrm import DLRM, held_out_auc, load, train  # noqa: E402
+from tools.torch_reference_dlrm import DLRM, held_out_auc, load, train
 
 
 def main():

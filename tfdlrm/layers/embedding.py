@@ -7,22 +7,10 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-POOLINGS = ("sum", "mean")
+from tfdlrm.presets import POOLINGS
+from tfdlrm.presets import default_feature_names, table_variable_name
+
 OUT_OF_RANGE = "tfdlrm: categorical id out of range"
-
-
-def default_feature_names(count: int) -> list[str]:
-    """Criteo's column names for categorical features: C1, C2, ..."""
-    return [f"C{i + 1}" for i in range(count)]
-
-
-def table_variable_name(feature: str) -> str:
-    """The variable (and checkpoint) name of a feature's table: ``table_C1``.
-
-    Placement (``tfdlrm.parallel``) finds tables by this name; it never depends on
-    the device a table lives on, so checkpoints move between device counts.
-    """
-    return f"table_{feature}"
 
 
 def table_initializer(rows: int) -> tf.keras.initializers.Initializer:
@@ -56,7 +44,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
     graph and costs a few small ops per step.  An XLA cluster cannot raise, so the
     check splits in two: :meth:`out_of_range` (a boolean, compiles under XLA) and
     :meth:`raise_if_out_of_range` (the error, outside XLA).  The fast training step
-    (``tfdlrm.fast``) computes the first inside its compiled lookup and raises before
+    (``tfdlrm.models.fast_step``) computes the first inside its compiled lookup and raises before
     any variable changes; called inside someone else's XLA cluster, this layer skips
     the check (with a warning when traced).
     """
@@ -284,7 +272,6 @@ class EmbeddingTables(tf.keras.layers.Layer):
             check_ids=self.check_ids,
         )
         return config
-
 
 
 # -- XLA --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-INTERACTIONS = ("dot", "cat")
+from tfdlrm.presets import INTERACTIONS
 
 
 def dot_pair_indices(num_vectors: int, self_interaction: bool = False) -> np.ndarray:
@@ -18,12 +18,6 @@ def dot_pair_indices(num_vectors: int, self_interaction: bool = False) -> np.nda
         [i * num_vectors + j for i in range(num_vectors) for j in range(i + offset)],
         dtype=np.int32,
     )
-
-
-def dot_output_width(dim: int, num_features: int, self_interaction: bool = False) -> int:
-    n = num_features + 1
-    pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
-    return dim + pairs
 
 
 class DotInteraction(tf.keras.layers.Layer):
@@ -83,10 +77,3 @@ def make_interaction(kind: str, self_interaction: bool = False, **kwargs) -> tf.
     if kind == "cat":
         return CatInteraction(**kwargs)
     raise ValueError(f"interaction must be one of {INTERACTIONS}, got {kind!r}.")
-
-
-def interaction_output_width(kind: str, dense_width: int, dim: int, num_features: int,
-                             self_interaction: bool = False) -> int:
-    if kind == "dot":
-        return dot_output_width(dim, num_features, self_interaction)
-    return dense_width + num_features * dim

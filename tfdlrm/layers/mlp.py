@@ -80,12 +80,3 @@ class MLP(tf.keras.layers.Layer):
             float32_last=self.float32_last,
         )
         return config
-
-
-def mlp_parameter_count(fan_in: int, widths: Sequence[int]) -> int:
-    """Weights plus biases of an MLP, in closed form."""
-    total = 0
-    for width in widths:
-        total += fan_in * width + width
-        fan_in = width
-    return total

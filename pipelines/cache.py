@@ -1,0 +1,69 @@
+"""Raw TSV given to ``train --data``: converted once into a cache keyed by its contents and options."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipelines.convert import ConvertSpec, convert
+from pipelines.manifest import MANIFEST, SCHEMA_VERSION
+from pipelines.tsv import check_input
+from tfdlrm.errors import UserError
+
+CACHE_ENV = "TFDLRM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$TFDLRM_CACHE``, else ``$XDG_CACHE_HOME/tfdlrm``, else ``~/.cache/tfdlrm``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tfdlrm"
+
+
+def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Optional[str] = None,
+                      hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None,
+                      log: Callable[[str], None] = print) -> Path:
+    """The converted dataset of raw file ``train`` (and held-out ``eval_data``), converting on first use.
+
+    Without ``eval_data``, ``train`` is split by Kaggle's days.  The cache entry is
+    ``CACHE/criteo/<name>-<key>``, where the key hashes the files' paths, sizes and
+    modification times, the mapping and the converter's schema version: a changed
+    file or setting converts again, anything else reuses the entry.
+    """
+    paths = [train] + ([eval_data] if eval_data else [])
+    files = []
+    for path in paths:
+        check_input(path)
+        stat = os.stat(path)
+        files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    spec = ConvertSpec(out="", hash_buckets=hash_buckets, min_frequency=min_frequency,
+                       inputs=[train] if not eval_data else (), train=[train] if eval_data else (),
+                       test=[eval_data] if eval_data else ())
+    threshold = None if hash_buckets is not None else (min_frequency or 1)
+    key_data = {"schema": SCHEMA_VERSION, "files": files, "mapping": [spec.mapping_kind, hash_buckets, threshold],
+                "split": bool(eval_data)}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = root / "criteo" / f"{Path(train).name}-{key}"
+    if (out / MANIFEST).is_file():
+        log(f"using the converted cache of {train}: {out}")
+        return out
+    spec.out = str(out)
+    log(f"converting {train}" + (f" and {eval_data}" if eval_data else " (split into 7 days)")
+        + f" into the cache {out} (once; later runs reuse it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache directory {out.parent}: {e.strerror or e} "
+                        f"(choose another with --cache-dir or ${CACHE_ENV})") from None
+    try:
+        result = convert(spec)
+    except UserError:
+        if (out / MANIFEST).is_file():  # another process converted it meanwhile
+            return out
+        raise
+    log(result.summary())
+    return out

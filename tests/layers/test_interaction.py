@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfdlrm.layers.interaction import CatInteraction, DotInteraction
+from tfdlrm.sizes import dot_output_width
+
+
+def numpy_dot(dense, emb, self_interaction):
+    vectors = np.concatenate([dense[:, None, :], emb], axis=1)
+    n = vectors.shape[1]
+    out = []
+    for b in range(len(dense)):
+        pairs = [vectors[b, i] @ vectors[b, j] for i in range(n) for j in range(i + (1 if self_interaction else 0))]
+        out.append(np.concatenate([dense[b], pairs]))
+    return np.array(out)
+
+
+@pytest.fixture
+def inputs():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 6, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_matches_numpy(inputs, self_interaction):
+    dense, emb = inputs
+    out = DotInteraction(self_interaction=self_interaction)(dense, emb).numpy()
+    assert out.shape == (5, dot_output_width(4, 6, self_interaction))
+    np.testing.assert_allclose(out, numpy_dot(dense, emb, self_interaction), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_matches_tfrs(inputs, self_interaction):
+    dense, emb = inputs
+    ours = DotInteraction(self_interaction=self_interaction)(dense, emb).numpy()
+    reference = tfrs.layers.feature_interaction.DotInteraction(self_interaction=self_interaction)(
+        [dense] + [emb[:, i] for i in range(emb.shape[1])]).numpy()
+    np.testing.assert_allclose(ours[:, 4:], reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours[:, :4], dense)
+
+
+def test_dot_compiles_with_xla(inputs):
+    dense, emb = inputs
+    layer = DotInteraction()
+    compiled = tf.function(lambda d, e: layer(d, e), jit_compile=True)
+    np.testing.assert_allclose(compiled(dense, emb).numpy(), layer(dense, emb).numpy(), rtol=1e-5, atol=1e-5)
+    graph = tf.function(lambda d, e: layer(d, e)).get_concrete_function(dense, emb).graph
+    assert not any(op.type in ("Where", "BooleanMask") for op in graph.get_operations())
+
+
+def test_dot_rejects_width_mismatch():
+    with pytest.raises(ValueError, match="embedding dim"):
+        DotInteraction()(np.zeros((2, 3), np.float32), np.zeros((2, 5, 4), np.float32))
+
+
+def test_cat_is_concatenation(inputs):
+    dense, emb = inputs
+    out = CatInteraction()(dense, emb).numpy()
+    np.testing.assert_array_equal(out, np.concatenate([dense, emb.reshape(5, -1)], axis=1))
+
+
+def test_config_round_trip():
+    layer = DotInteraction(self_interaction=True, name="x")
+    assert DotInteraction.from_config(layer.get_config()).self_interaction is True
+    assert CatInteraction.from_config(CatInteraction(name="c").get_config()).name == "c"

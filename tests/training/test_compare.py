@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_clean_error, run_cli
+from tfdlrm.compare import CURVES_PNG, REPORT_JSON, REPORT_MD, compare, format_table
+from tfdlrm.errors import UserError
+from tfdlrm.training.evaluate import predict_with_labels
+from tfdlrm.training.rundir import load_run
+from tfdlrm.training.spec import TrainSpec
+
+BASE = dict(preset="tiny", data="synthetic", rows=200, train_examples=8192, eval_examples=2048, batch_size=512,
+            optimizer="adagrad", lr=0.05, curve_points=3, verbose=0)
+
+
+def specs(models=("dlrm", "dcn"), seeds=(1, 2), **changes):
+    return [TrainSpec(model=m, seed=s, **{**BASE, **changes}) for m in models for s in seeds]
+
+
+def pairwise_auc(labels, scores):
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    logs = []
+    report = compare(specs(), out=str(out), command="python -m tfdlrm compare ...", log=logs.append)
+    return out, report, logs
+
+
+def test_report_files_are_consistent(finished):
+    out, report, _ = finished
+    data = json.loads((out / REPORT_JSON).read_text())
+    assert len(data["runs"]) == 4
+    for entry in data["summary"]:
+        runs = [r for r in data["runs"] if r["model"] == entry["model"] and r["optimizer"] == entry["optimizer"]]
+        aucs = [r["auc"] for r in runs]
+        assert entry["auc_mean"] == pytest.approx(np.mean(aucs))
+        assert entry["auc_std"] == pytest.approx(np.std(aucs, ddof=1))
+        assert entry["logloss_mean"] == pytest.approx(np.mean([r["logloss"] for r in runs]))
+        assert entry["seeds"] == [1, 2]
+    for run in data["runs"]:
+        metrics = json.loads((out / "runs" / f"{run['model']}-adagrad-seed{run['seed']}" / "metrics.json").read_text())
+        assert metrics["evaluation"]["auc"] == run["auc"]
+        assert run["params"] > 0 and run["examples_per_second"] > 0 and run["train_seconds"] > 0
+    markdown = (out / REPORT_MD).read_text()
+    for run in data["runs"]:
+        assert f"| {run['model']} | adagrad | {run['seed']} | {run['auc']:.4f} |" in markdown
+    assert "Teacher AUC" in markdown and f"{data['teacher_auc']:.4f}" in markdown
+    assert "python -m tfdlrm compare ..." in markdown
+    assert (out / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for curve in data["curves"]:
+        assert [p["step"] for p in curve["points"]] == [5, 10, 15, 16]  # 16 steps, every 5, plus the epoch end
+        assert all(0 <= p["eval_auc"] <= 1 and 0 <= p["train_accuracy"] <= 1 for p in curve["points"])
+    table = format_table(report)
+    assert "teacher AUC" in table and "dlrm" in table and "dcn" in table
+
+
+def test_reported_auc_equals_an_independent_rank_computation(finished):
+    out, report, _ = finished
+    model, meta = load_run(str(out / "runs" / "dlrm-adagrad-seed2"))
+    from pipelines.sources import open_data
+    from tfdlrm.training.spec import model_config_for
+
+    spec = specs(models=("dlrm",), seeds=(2,))[0]
+    data = open_data("synthetic", model_config_for(spec), train_examples=8192, eval_examples=2048)
+    labels, scores = predict_with_labels(model, data.eval_dataset(1000))
+    reported = next(r for r in report.runs() if r["model"] == "dlrm" and r["seed"] == 2)["auc"]
+    assert reported == pytest.approx(pairwise_auc(labels, scores), abs=1e-9)
+
+
+def test_finished_runs_are_reused_and_retrain_is_explicit(finished):
+    out, first, _ = finished
+    logs = []
+    again = compare(specs(), out=str(out), log=logs.append)
+    assert sum("finished earlier, reusing" in line for line in logs) == 4
+    assert [r["auc"] for r in again.runs()] == [r["auc"] for r in first.runs()]
+    logs = []
+    compare(specs(models=("dcn",), seeds=(1,)), out=str(out), retrain=True, log=logs.append)
+    assert not any("reusing" in line for line in logs)
+
+
+def test_results_of_other_settings_are_refused(finished):
+    out, _, _ = finished
+    with pytest.raises(UserError, match="holds results of other settings .*lr"):
+        compare(specs(models=("dlrm",), seeds=(1,), lr=0.2), out=str(out), log=lambda s: None)
+
+
+def test_a_diverging_run_is_reported_not_fatal(tmp_path):
+    report = compare([TrainSpec(model="dcn", seed=1, **{**BASE, "optimizer": "sgd", "lr": 1e4, "curve_points": 0}),
+                      TrainSpec(model="dlrm", seed=1, **{**BASE, "curve_points": 0})],
+                     out=str(tmp_path), log=lambda s: None)
+    rows = report.runs()
+    assert "diverged" in rows[0]["diverged"] and "step" in rows[0]["diverged"]
+    assert rows[1]["diverged"] is None and 0 < rows[1]["auc"] < 1
+    assert "dcn sgd seed 1" in (tmp_path / REPORT_MD).read_text()
+    assert json.loads((tmp_path / REPORT_JSON).read_text())["runs"][0]["auc"] is None
+
+
+def test_runs_must_share_data_and_budget():
+    with pytest.raises(UserError, match="must share batch_size"):
+        compare([TrainSpec(model="dlrm", **BASE), TrainSpec(model="dcn", **{**BASE, "batch_size": 64})])
+    with pytest.raises(UserError, match="appear twice"):
+        compare(specs(models=("dlrm", "dlrm"), seeds=(1,)))
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["compare", "--models", "dlrm,fm"], ["--models"]),
+    (["compare", "--train-examples", "10"], ["at least 1024"]),
+    (["compare", "--optimizers", "sgd,adagrad", "--lr", "sgd=0.1"], ["no learning rate", "adagrad"]),
+    (["compare", "--lr", "sgd=fast"], ["--lr"]),
+])
+def test_compare_bad_input(args, fragments):
+    assert_clean_error(run_cli(*args), *fragments)
+
+
+def test_export_best_exports_each_models_best_run_once(finished, tmp_path):
+    from tfdlrm.compare import export_best
+
+    out, report, _ = finished
+    logs = []
+    exports = export_best(report, str(tmp_path), log=logs.append)
+    assert sorted(e.model for e in exports) == ["dcn", "dlrm"]
+    for e in exports:
+        runs = [r for r in report.runs() if r["model"] == e.model]
+        best = max(runs, key=lambda r: r["auc"])
+        assert e.run_dir.endswith(f"{e.model}-adagrad-seed{best['seed']}")
+        assert (tmp_path / e.model / "1" / "saved_model.pb").is_file()
+    assert export_best(report, str(tmp_path), log=logs.append) == []  # same checkpoints: nothing new
+    assert sum("already exported" in line for line in logs) == 2
+    assert sorted(p.name for p in (tmp_path / "dlrm").iterdir()) == ["1"]
+
+
+def test_compare_export_needs_out():
+    assert_clean_error(run_cli("compare", "--export"), "--export needs --out")

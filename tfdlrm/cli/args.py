@@ -1,0 +1,213 @@
+"""Argument types and the flag groups that several commands share."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+from tfdlrm.errors import UserError
+from tfdlrm.presets import (
+    AUTO,
+    MIXED_PRECISIONS,
+    OPTIMIZER_NAMES,
+    PARALLEL_MODES,
+    PRESET_NAMES,
+    XLA_MODES,
+    parse_widths,
+)
+
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _int_at_least(low: int, wanted: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+
+
+non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def widths(text: str) -> tuple[int, ...]:
+    try:
+        return parse_widths(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}; got {text!r}")
+        return names
+    return parse
+
+
+def devices_arg(text: str):
+    from tfdlrm.parallel.devices import parse_devices
+
+    try:
+        return parse_devices(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--devices: ").removeprefix("--devices ")) from None
+
+
+def bytes_arg(text: str) -> int:
+    from tfdlrm.parallel.devices import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--budget: ").removeprefix("--budget ")) from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+        if any(v < 0 for v in values):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def add_model_args(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
+    g = p.add_argument_group("model (a preset, any field overridden by a flag)")
+    g.add_argument("--preset", default=preset, choices=PRESET_NAMES, help=f"model shape preset (default: {preset})")
+    g.add_argument("--rows", type=positive_int, help="rows of every embedding table (generated data; "
+                   "a converted dataset's manifest sets its own)")
+    g.add_argument("--embedding-dim", type=positive_int, help="embedding width")
+    g.add_argument("--bottom-mlp", type=widths, help="bottom MLP in the paper's notation, input first: 13-512-256-64-16")
+    g.add_argument("--top-mlp", type=widths, help="top MLP without its input width, ending in 1: 512-256-1")
+    g.add_argument("--interaction", choices=("dot", "cat"), help="feature interaction (default: dot)")
+    g.add_argument("--self-interaction", action="store_true", default=None,
+                   help="include each vector's dot product with itself")
+    g.add_argument("--pooling", choices=("sum", "mean"), help="multi-hot bag pooling (default: sum)")
+    g.add_argument("--ids-per-lookup", type=positive_int, help="ids per categorical feature (random data)")
+    g.add_argument("--cross-layers", type=non_negative_int, help="DCN cross layers (default: 6)")
+    g.add_argument("--deep-mlp", type=widths, help="DCN deep network widths (default: 512-256)")
+    g.add_argument("--cross-low-rank", type=positive_int, help="DCN-v2 low-rank projection size")
+
+
+CONFIG_FLAGS = ("embedding_dim", "bottom_mlp", "top_mlp", "interaction", "self_interaction", "pooling",
+                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="random, synthetic (default), a converted Criteo dataset directory, or a raw Criteo "
+                        "TSV file (plain or .gz; converted once into the cache, Kaggle's 7-day split unless "
+                        "--eval-data is given)")
+    g.add_argument("--eval-data", help="raw Criteo TSV: the held-out file, when raw data comes already split")
+    g.add_argument("--cache-dir", help="raw Criteo TSV: where conversions are cached (default: $TFDLRM_CACHE, "
+                                       "else ~/.cache/tfdlrm)")
+    mapping = g.add_mutually_exclusive_group()
+    mapping.add_argument("--hash-buckets", type=positive_int,
+                         help="raw Criteo TSV: categorical ids by hashing into N buckets per feature")
+    mapping.add_argument("--min-frequency", type=positive_int,
+                         help="raw Criteo TSV: vocabulary of values seen at least T times (default: 1)")
+    g.add_argument("--train-examples", type=positive_int, default=500_000,
+                   help="generated data: rows in the training split (default: 500000)")
+    g.add_argument("--eval-examples", type=positive_int, default=100_000,
+                   help="generated data: rows in the held-out split (default: 100000)")
+    g.add_argument("--data-seed", type=non_negative_int, default=0,
+                   help="generated data: seed of the data set itself (default: 0)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
+    g.add_argument("--steps-per-epoch", type=positive_int, help="batches per epoch (default: the whole split)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default: 128)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size (default: 4096)")
+    g.add_argument("--embedding-optimizer", choices=OPTIMIZER_NAMES,
+                   help="optimizer for the embedding tables (default: --optimizer)")
+    g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    g = p.add_argument_group("fault tolerance (see docs/fault-tolerance.md)")
+    g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "
+                        "command resumes from the newest checkpoint")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic ops: the same seed gives bit-identical weights on this machine (slower)")
+    add_speed_args(p)
+    add_parallel_args(p)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (see docs/benchmarks.md)")
+    g.add_argument("--xla", choices=(AUTO, *XLA_MODES), default="auto",
+                   help="one-device training step: sparse = embedding gathers and row updates compiled by XLA, "
+                        "MLPs by TensorFlow/oneDNN; full = the whole step compiled; off = Keras's stock step "
+                        "(default: auto = sparse on one device, off in parallel modes)")
+    g.add_argument("--mixed-precision", choices=(AUTO, *MIXED_PRECISIONS), default="auto",
+                   help="bf16 = MLPs compute in bfloat16, weights and embedding tables stay float32; off = float32 "
+                        "(default: auto = bf16 where the CPU has native bfloat16, avx512_bf16 or AMX)")
+    g.add_argument("--huge-pages", choices=("auto", "off"), default="auto",
+                   help="auto: on Linux with glibc 2.35+ and transparent huge pages in madvise mode, the command "
+                        "restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that the embedding "
+                        "tables sit in 2 MiB pages (fewer TLB misses per looked-up row); off: leave memory as is")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (see docs/parallelism.md)")
+    g.add_argument("--devices", type=devices_arg,
+                   help="a device count (GPUs, or the CPU split into logical devices) or a list: GPU:0,GPU:1")
+    g.add_argument("--parallel", choices=PARALLEL_MODES,
+                   help="hybrid: tables placed per device, MLPs on every device; mirrored: everything "
+                        "replicated; ps: parameter servers from TF_CONFIG (default: hybrid with several "
+                        "devices, else none)")
+    g.add_argument("--budget", type=bytes_arg,
+                   help="hybrid: embedding bytes per device (512MiB, 2GB, ...); larger tables are split by rows")
+
+
+def learning_rates(text: str) -> float | dict:
+    """``0.1`` (every optimizer) or ``sgd=0.1,adagrad=0.02`` (one per optimizer)."""
+    if "=" not in text:
+        return positive_float(text)
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in OPTIMIZER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"expected NUMBER or OPTIMIZER=NUMBER,... with optimizers {', '.join(OPTIMIZER_NAMES)}; got {text!r}")
+        rates[name] = positive_float(value)
+    return rates

@@ -1,0 +1,204 @@
+"""One function per command: turn parsed flags into a call, and report."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Callable, Optional
+
+from tfdlrm.cli.args import config_overrides
+from tfdlrm.errors import UserError
+from tfdlrm.presets import PRESET_NAMES
+
+
+def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str], **extra):
+    from tfdlrm.compare import lr_for
+    from tfdlrm.training.spec import TrainSpec
+
+    return TrainSpec(
+        model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
+        overrides=config_overrides(args), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
+        lr=lr_for(optimizer, args.lr),
+        embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
+        data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
+        devices=args.devices, parallel=args.parallel, budget=args.budget,
+        cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
+        checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
+        xla=args.xla, mixed_precision=args.mixed_precision, **extra,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tfdlrm.training.loop import train
+
+    export_base = None
+    if args.export is not None:
+        from tfdlrm.serving.export import check_destination
+
+        if not args.out:
+            raise UserError("--export needs --out: it exports the run directory's last checkpoint")
+        # Before training: an unwritable destination should not cost a training run.
+        export_base, _ = check_destination(args.out, args.export or None, model_name=args.model)
+    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart))
+    if export_base is not None:
+        from tfdlrm.serving.export import export_run
+
+        export_run(args.out, out=str(export_base), log=print)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tfdlrm.serving.export import export_run
+
+    export_run(args.run_dir, out=args.out, version=args.version, force=args.force, dataset=args.dataset, log=print)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tfdlrm.compare import compare, format_table
+
+    specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points)
+             for optimizer in args.optimizers for model in args.models for seed in args.seeds]
+    # The command that reproduces the report: --retrain/--restart only say how this run treated
+    # earlier results, so they are left out.
+    reproduce = [a for a in argv_of(args) if a not in ("--retrain", "--restart")]
+    command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in reproduce)
+    if args.export is not None and args.out is None:
+        raise UserError("--export needs --out: the runs it exports are kept there")
+    report = compare(specs, out=args.out, retrain=args.retrain, command=command)
+    print()
+    print(format_table(report))
+    if args.export is not None:
+        from tfdlrm.compare import export_best
+
+        print()
+        export_best(report, args.export or None)
+    return 0
+
+
+def progress_log(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a bench prints its progress: stderr under --json, so stdout holds only the JSON."""
+    return (lambda s: print(s, file=sys.stderr)) if args.json else print
+
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    return getattr(args, "argv", None) or sys.argv[1:]
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from tfdlrm.presets import get_preset
+
+    print(f"{'preset':16} {'dim':>4} {'tables':>6} {'rows/table':>11} {'ids':>4}  {'bottom MLP':22} top MLP")
+    for name in PRESET_NAMES:
+        c = get_preset(name)
+        rows = c.table_rows[0] if len(set(c.table_rows)) == 1 else "varies"
+        print(f"{name:16} {c.embedding_dim:>4} {c.num_tables:>6} {rows:>11} {c.ids_per_lookup:>4}  "
+              f"{'-'.join(map(str, c.bottom_mlp)):22} {'-'.join(map(str, c.top_mlp))}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.parallel.plan import plan_for
+    from tfdlrm.presets import get_preset
+
+    config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
+    plan = plan_for(config, args.devices, args.budget, args.model)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
+
+
+def cmd_bench_parallel(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.bench.parallel import bench_parallel, format_bench
+
+    rows = bench_parallel(args.preset, args.rows, args.device_counts, args.batch_size, args.steps, args.warmup,
+                          args.mode, args.model, budget=args.budget, overrides=config_overrides(args),
+                          log=(lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr)))
+    if args.json:
+        print(json.dumps([vars(r) for r in rows], indent=2))
+    else:
+        print(format_bench(rows))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from tfdlrm.parallel.ps import run_server
+
+    run_server()
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pipelines.convert import ConvertSpec, convert
+
+    spec = ConvertSpec(
+        out=args.out, inputs=args.input or (), format=args.format, train=args.train or (), val=args.val or (),
+        test=args.test or (), hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
+        halve_held_out=args.halve_held_out, shuffle=args.shuffle, seed=args.seed, on_bad_row=args.on_bad_row,
+        rows_per_shard=args.rows_per_shard, rows_per_block=args.rows_per_block, overwrite=args.overwrite,
+        workers=args.workers, progress=args.progress,
+    )
+    print(convert(spec).summary())
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.bench.pipeline import bench_pipeline
+
+    log = progress_log(args)
+    result = bench_pipeline(rows=args.rows, source=args.source, batch_sizes=args.batch_sizes,
+                            repeats=args.repeats, train_steps=args.train_steps,
+                            train_batch_size=args.train_batch_size, workers=args.workers, verbatim=args.verbatim,
+                            tmp_dir=args.tmp_dir, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.bench.serving import bench_serving, format_bench_serving
+
+    log = progress_log(args)
+    result = bench_serving(args.saved_model, signature=args.signature, requests=args.requests,
+                           batch_size=args.batch_size, batches=args.batches, model=args.model, preset=args.preset,
+                           rows=args.rows, log=log)
+    print(json.dumps(result, indent=2) if args.json else format_bench_serving(result))
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    import json
+
+    from tfdlrm.bench.train import bench_train, format_suite, run_suite
+
+    log = progress_log(args)
+    if args.suite:
+        extra = []
+        for flag in ("batch_size", "steps", "repeats", "warmup"):
+            if getattr(args, flag) is not None:
+                extra += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.huge_pages == "off":
+            extra += ["--huge-pages", "off"]
+        results = run_suite(extra, log=log)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print()
+            print(format_suite(results))
+        return 1 if any("error" in r for r in results) else 0
+    result = bench_train(model=args.model, preset=args.preset, rows=args.rows, data=args.data,
+                         batch_size=args.batch_size or 2048, optimizer=args.optimizer, lr=args.lr,
+                         warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                         distinct_batches=args.distinct_batches, xla=args.xla, mixed_precision=args.mixed_precision,
+                         overrides=config_overrides(args), tmp_dir=args.tmp_dir, profile=args.profile, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0

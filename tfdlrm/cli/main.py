@@ -1,0 +1,149 @@
+"""``python -m tfdlrm``: parse, run one command, and turn every known failure into one line.
+
+Exit 0 on success, 2 for bad input (``error: ...``), 141 for a closed pipe.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+from tfdlrm.cli.args import EXIT_BROKEN_PIPE, EXIT_USAGE
+from tfdlrm.cli.parser import build_parser
+from tfdlrm.errors import UserError
+
+
+
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up chatter (oneDNN, CUDA probes) hidden.
+
+    Those lines are written to file descriptor 2 by C++ before logging is set up,
+    so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; they are replayed if the import
+    fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def tensorflow_error_message(error: BaseException) -> Optional[str]:
+    """The readable part of a TensorFlow runtime error caused by bad data, or None."""
+    message = getattr(error, "message", None) or str(error)
+    marker = message.find("tfdlrm: ")
+    if marker >= 0:
+        text = message[marker + len("tfdlrm: "):]
+        return text.split("\n")[0].rstrip("'\"]")
+    return None
+
+
+def os_error_message(error: OSError) -> str:
+    """``PATH: No space left on device``, or the like, in one line."""
+    from tfdlrm.errors import io_error_text
+
+    text = io_error_text(error)
+    return text if error.filename is not None else f"cannot read or write: {text}"
+
+
+class StdoutError(OSError):
+    """Writing to standard output failed (a full disk, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: its write errors become :class:`StdoutError`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _quiet_stdout(stream):
+    """After stdout failed, a stand-in for it, so that the interpreter's last flush stays silent
+    (the one line already said what happened)."""
+    if stream is sys.__stdout__:
+        try:
+            return open(os.devnull, "w")
+        except OSError:
+            pass
+    return stream
+
+
+def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
+    """Run a command.  ``restart`` (``python -m tfdlrm`` sets it): a command with
+    ``--huge-pages auto`` may first restart the process with huge pages on, and one
+    with ``--huge-pages off`` without them (``tfdlrm._env``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    if restart and getattr(args, "huge_pages", None) in ("auto", "off"):
+        from tfdlrm import _env
+
+        if args.huge_pages == "auto":
+            _env.restart_with_huge_pages(args.argv)
+        else:
+            _env.restart_without_huge_pages(args.argv)
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
+    try:
+        if args.command != "presets":
+            import_tensorflow_quietly()
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except StdoutError as e:
+        stdout = _quiet_stdout(stdout)
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly, as SIGPIPE would
+            return EXIT_BROKEN_PIPE
+        sys.stderr.write(f"error: cannot write to standard output: {e.strerror or e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # files: missing, unreadable, not writable, disk full
+        sys.stderr.write(f"error: {os_error_message(e)}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as e:  # TensorFlow reports bad data as runtime errors
+        text = tensorflow_error_message(e)
+        if text is None:
+            raise
+        sys.stderr.write(f"error: {text}\n")
+        return EXIT_USAGE
+    finally:
+        sys.stdout = stdout
+    return code

@@ -1,0 +1,266 @@
+"""The fast one-device training step that ``model.fit`` runs (``--xla``, ``--mixed-precision``).
+
+Embedding gathers and row updates are compiled by XLA (``xla="sparse"``), the MLPs run
+in TensorFlow/oneDNN (bfloat16 where the CPU has it); ids are range-checked before any
+update.  ``xla="full"`` compiles the whole step, ``xla="off"`` is Keras's stock step.
+The profiles behind this split are in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+from tfdlrm.presets import AUTO, MIXED_PRECISIONS, XLA_MODES
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (``avx512_bf16`` or AMX)?  Only then is
+    bf16 faster than float32 here; elsewhere oneDNN emulates it, slowly."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_mixed_precision(value: Optional[str]) -> Optional[str]:
+    """``auto`` -> ``bf16`` on a CPU with native bfloat16 and no GPU, else off;
+    ``bf16``; ``off``/None.  Returns ``"bf16"`` or None."""
+    if value in (None, "off", "float32", "fp32"):
+        return None
+    if value == "bf16":
+        return "bf16"
+    if value == AUTO:
+        return "bf16" if native_bf16() and not tf.config.list_physical_devices("GPU") else None
+    raise UserError(f"unknown mixed precision {value!r}; choose one of: auto, {', '.join(MIXED_PRECISIONS)}")
+
+
+def resolve_xla(value: Optional[str], parallel_mode: Optional[str] = None) -> str:
+    """``auto`` -> ``sparse`` on one device (``parallel_mode`` none/None), else ``off``
+    (multi-device steps are built by ``tfdlrm.parallel``, not compiled)."""
+    if value is None or value == AUTO:
+        return "sparse" if parallel_mode in (None, "none") else "off"
+    if value not in XLA_MODES:
+        raise UserError(f"unknown --xla mode {value!r}; choose one of: auto, {', '.join(XLA_MODES)}")
+    if value != "off" and parallel_mode not in (None, "none"):
+        raise UserError(f"--xla {value} applies to one device; --parallel {parallel_mode} builds its own step "
+                        f"(use --xla off)")
+    return value
+
+
+def use_fast_step(model, xla: str = "sparse") -> None:
+    """Make ``model.fit`` use the fast step (``xla`` sparse or full), or the stock one (off)."""
+    if xla not in XLA_MODES:
+        raise UserError(f"unknown --xla mode {xla!r}; choose one of: {', '.join(XLA_MODES)}")
+    if xla == "full" and getattr(model, "optimizer", None) is not None and sparse_update_kind(model.optimizer) is None:
+        raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and adagrad, "
+                        f"not {type(model.optimizer).__name__}; use --xla sparse")
+    model.fast_step = None if xla == "off" else FastTrainStep(xla)
+    model.train_function = None  # Keras traces its train function again
+
+
+def sparse_update_kind(optimizer) -> Optional[str]:
+    """``sgd`` or ``adagrad`` when the fast step can apply ``optimizer`` inside XLA, else None."""
+    legacy = tf.keras.optimizers.legacy
+    if type(optimizer) is legacy.SGD and not optimizer._momentum and not optimizer.nesterov:  # noqa: SLF001
+        return "sgd"
+    if type(optimizer) is legacy.Adagrad:
+        return "adagrad"
+    return None
+
+
+class FastTrainStep:
+    """``model.train_step`` for one device; see the module docstring.  ``mode`` is
+    ``sparse`` (gathers and updates compiled) or ``full`` (the whole step compiled)."""
+
+    def __init__(self, mode: str = "sparse"):
+        if mode not in ("sparse", "full"):
+            raise ValueError(f"FastTrainStep mode must be sparse or full, got {mode!r}")
+        self.mode = mode
+        self._functions: dict = {}
+        self.compiled_functions: list = []  # the jit_compile tf.functions, for tests and reports
+
+    # Which batches and models the fast step takes; the stock step takes the rest.
+    @staticmethod
+    def applies(model, x) -> bool:
+        if getattr(model, "parallel_runner", None) is not None or tf.distribute.has_strategy():
+            return False
+        if not isinstance(x, dict) or isinstance(x.get("sparse"), (tf.RaggedTensor, tf.SparseTensor)):
+            return False
+        layer = model.sparse_arch
+        if any(getattr(t, "is_sharded_variable", False) for t in layer.tables):
+            return False
+        sparse = x.get("sparse")
+        rank = getattr(getattr(sparse, "shape", None), "rank", None)
+        return rank in (2, 3)
+
+    def train_step(self, model, data):
+        """The step's metrics, or None when the batch or model is not for the fast step."""
+        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        if not self.applies(model, x):
+            return None
+        from tfdlrm.models.batch import check_features
+
+        dense, sparse = check_features(x, model.config, type(model).__name__)
+        sparse = tf.convert_to_tensor(sparse)
+        if not sparse.dtype.is_integer:
+            raise ValueError(f"categorical ids must be int32 or int64, got {sparse.dtype.name}.")
+        layer = model.sparse_arch
+        if self.mode == "sparse":
+            embedded, bad = self._function(model, "lookup")(sparse)
+            if layer.check_ids:
+                # Raises (naming the feature) before the update below, which needs its output.
+                sparse = layer.raise_if_out_of_range(sparse, bad)
+            y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
+            self._function(model, "apply")(grads[:-1], grads[-1], sparse)
+        else:
+            if layer.check_ids:
+                sparse = layer.raise_if_out_of_range(sparse)
+            y_pred = self._function(model, "full")(x, dense, sparse, y, sample_weight)
+        return model.compute_metrics(x, y, y_pred, sample_weight)
+
+    # -- the compiled parts --------------------------------------------------------------------------------------
+    def _function(self, model, name: str):
+        if name not in self._functions:
+            _create_slots(model)
+            make = {"lookup": self._make_lookup, "apply": self._make_apply, "full": self._make_full}[name]
+            fn, compiled = make(model)
+            self._functions[name] = fn
+            if compiled:
+                self.compiled_functions.append(fn)
+        return self._functions[name]
+
+    @staticmethod
+    def _make_lookup(model):
+        """One-hot ids: the gathers compiled by XLA (a few rows each, where TensorFlow's
+        per-op cost dominates).  Bags (``ids_per_lookup > 1``): TensorFlow's gather, which
+        copies whole rows, then the bag sums compiled by XLA; XLA's CPU gather fused with
+        the sum went element by element (2.3x slower for 100 ids x 64 floats) and
+        TensorFlow's sum over the bag axis took twice XLA's time."""
+        layer = model.sparse_arch
+        if model.config.ids_per_lookup == 1:
+            def lookup(ids):
+                return layer.embed(ids), layer.out_of_range(ids)
+
+            return tf.function(lookup, jit_compile=True, reduce_retracing=True), True
+
+        def pool(rows):  # per table [batch, k, dim] -> [batch, tables, dim]
+            reduce = tf.reduce_sum if layer.pooling == "sum" else tf.reduce_mean
+            return tf.stack([reduce(r, axis=1) for r in rows], axis=1)
+
+        pool = tf.function(pool, jit_compile=True, reduce_retracing=True)
+
+        def lookup_bags(ids):
+            if layer.check_ids:  # before TensorFlow's gather, whose own error names no feature
+                ids = layer.raise_if_out_of_range(ids)
+            rows = [tf.gather(table, ids[:, f]) for f, table in enumerate(layer.tables)]
+            return pool(rows), tf.constant(False)
+
+        lookup_bags.pool = pool
+        return tf.function(lookup_bags, reduce_retracing=True), False
+
+    @staticmethod
+    def _make_apply(model):
+        kind = sparse_update_kind(model.optimizer)
+
+        def apply(dense_grads, embedded_grad, ids):
+            apply_gradients(model, dense_grads, embedded_grad, ids, kind)
+
+        return tf.function(apply, jit_compile=kind is not None, reduce_retracing=True), kind is not None
+
+    @staticmethod
+    def _make_full(model):
+        kind = sparse_update_kind(model.optimizer)
+        if kind is None:
+            raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and "
+                            f"adagrad, not {type(model.optimizer).__name__}; use --xla sparse")
+
+        def full(x, dense, ids, y, sample_weight):
+            embedded = model.sparse_arch.embed(ids)
+            y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
+            apply_gradients(model, grads[:-1], grads[-1], ids, kind)
+            return y_pred
+
+        return tf.function(full, jit_compile=True, reduce_retracing=True), True
+
+
+def _loss_and_gradients(model, x, dense, embedded, y, sample_weight):
+    """Forward from looked-up ``embedded`` [batch, tables, dim]; returns (y_pred, loss, grads)
+    with grads in ``model.dense_variables`` order followed by d loss / d embedded."""
+    with tf.GradientTape() as tape:
+        tape.watch(embedded)
+        logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+        y_pred = tf.keras.activations.sigmoid(logits)
+        loss = model.compute_loss(x, y, y_pred, sample_weight)
+    model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
+    return y_pred, loss, tape.gradient(loss, model.dense_variables + [embedded])
+
+
+def _create_slots(model) -> None:
+    """The optimizer's slots, made now (outside any compiled function), as Keras's
+    first ``apply_gradients`` would."""
+    optimizer = model.optimizer
+    with tf.init_scope():
+        pairs = getattr(optimizer, "_optimizers_and_vars", None)  # TFRS CompositeOptimizer
+        if pairs:
+            for opt, variables in pairs:
+                opt._create_all_weights(list(variables()))  # noqa: SLF001
+        else:
+            optimizer._create_all_weights(model.trainable_variables)  # noqa: SLF001
+
+
+def apply_gradients(model, dense_grads, embedded_grad, ids, kind: Optional[str]) -> None:
+    """One optimizer step: ``dense_grads`` for the dense weights (in
+    ``model.dense_variables`` order), ``embedded_grad`` = d loss / d embedded for the tables.
+
+    ``kind`` (see :func:`sparse_update_kind`): ``sgd`` and anything else go through
+    ``optimizer.apply_gradients`` with ``IndexedSlices`` for the tables (row updates);
+    ``adagrad`` applies the dense weights that way and the tables' rows below, in a
+    form XLA compiles (TensorFlow's sparse Adagrad kernel has no XLA version).
+    """
+    optimizer = model.optimizer
+    layer = model.sparse_arch
+    dense_pairs = list(zip(dense_grads, model.dense_variables))
+    table_grads = layer.sparse_gradients(embedded_grad, ids)
+    if kind != "adagrad":
+        optimizer.apply_gradients(dense_pairs + list(zip(table_grads, layer.tables)))
+        return
+    dtype = layer.tables[0].dtype
+    lr = tf.identity(optimizer._decayed_lr(dtype))  # noqa: SLF001 (before apply_gradients moves the step on)
+    epsilon = tf.convert_to_tensor(optimizer.epsilon, dtype)
+    optimizer.apply_gradients(dense_pairs)
+    for table, grad in zip(layer.tables, table_grads):
+        _adagrad_rows(table, optimizer.get_slot(table, "accumulator"), grad, lr, epsilon)
+
+
+def _adagrad_rows(table, accumulator, grad: tf.IndexedSlices, lr, epsilon) -> None:
+    """``ResourceSparseApplyAdagradV2`` on the rows of ``grad`` (duplicates summed first):
+    ``acc += g * g; table -= lr * g / (sqrt(acc) + epsilon)``."""
+    ids, values, valid = _sum_duplicates(grad.indices, grad.values)
+    accumulator.scatter_add(tf.IndexedSlices(values * values, ids))
+    acc = tf.gather(accumulator, ids)
+    step = tf.where(valid[:, None], lr * values / (tf.sqrt(acc) + epsilon), tf.zeros_like(values))
+    table.scatter_sub(tf.IndexedSlices(step, ids))
+
+
+def _sum_duplicates(indices, values):
+    """Static-shape ``tf.unique`` + segment sum, for XLA: ``(ids, sums, valid)`` with as
+    many rows as ``indices``; the first ``unique`` rows are the distinct ids (ascending)
+    with their summed values, the rest are padding (``valid`` false, values zero, id 0)."""
+    n = tf.shape(indices)[0]
+    order = tf.argsort(indices)
+    sorted_ids = tf.gather(indices, order)
+    first = tf.concat([[True], sorted_ids[1:] != sorted_ids[:-1]], axis=0)
+    segment = tf.cumsum(tf.cast(first, tf.int32)) - 1
+    sums = tf.math.unsorted_segment_sum(tf.gather(values, order), segment, n)
+    ids = tf.math.unsorted_segment_sum(tf.where(first, sorted_ids, tf.zeros_like(sorted_ids)), segment, n)
+    valid = tf.range(n) <= segment[-1]
+    return ids, sums, valid

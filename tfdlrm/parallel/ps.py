@@ -1,0 +1,105 @@
+"""``--parallel ps``: ParameterServerStrategy from TF_CONFIG, tables sharded by rows over the servers."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Optional
+
+from tfdlrm.errors import UserError
+from tfdlrm.parallel.devices import check_tf_config
+
+_TABLE_CREATION = threading.local()  # .active: the variable being created is a table
+
+
+class TablePartitioner:
+    """A ``variable_partitioner`` that shards embedding tables by rows into ``shards``
+    parts and leaves every other variable whole.
+
+    ParameterServerStrategy passes a partitioner only shapes; :func:`ps_table_scope`
+    marks which variables are tables while the model is built.
+    """
+
+    def __init__(self, shards: int):
+        if shards < 1:
+            raise UserError(f"tables need at least one shard, got {shards}")
+        self.shards = int(shards)
+
+    def __call__(self, shape, dtype, axis=0):
+        partitions = [1] * len(shape)
+        if getattr(_TABLE_CREATION, "active", False):
+            partitions[axis] = min(self.shards, int(shape[axis]))
+        return partitions
+
+
+@contextlib.contextmanager
+def ps_table_scope():
+    """Inside a ParameterServerStrategy scope: build the model here so its tables (and
+    only they) go through :class:`TablePartitioner`."""
+    import tensorflow as tf
+
+    from tfdlrm.presets import table_variable_name
+
+    prefix = table_variable_name("")
+
+    def creator(next_creator, **kwargs):
+        _TABLE_CREATION.active = (kwargs.get("name") or "").startswith(prefix)
+        try:
+            return next_creator(**kwargs)
+        finally:
+            _TABLE_CREATION.active = False
+
+    with tf.variable_creator_scope(creator):
+        yield
+
+
+def cluster_from_tf_config(cluster_resolver=None):
+    """The cluster resolver for ``--parallel ps``: ``TF_CONFIG``'s, unless one is given."""
+    import tensorflow as tf
+
+    if cluster_resolver is None:
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see docs/parallelism.md)")
+        check_tf_config()
+        cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    jobs = cluster_resolver.cluster_spec().as_dict()
+    if not jobs.get("ps") or not jobs.get("worker"):
+        raise UserError(f"--parallel ps needs 'ps' and 'worker' jobs in TF_CONFIG's cluster, got {sorted(jobs)}")
+    return cluster_resolver
+
+
+def ps_strategy(cluster_resolver=None, table_shards: Optional[int] = None):
+    """A ``ParameterServerStrategy`` for the cluster in ``TF_CONFIG`` (or ``cluster_resolver``),
+    with tables sharded over all parameter servers (or into ``table_shards`` parts)."""
+    import tensorflow as tf
+
+    cluster_resolver = cluster_from_tf_config(cluster_resolver)
+    num_ps = len(cluster_resolver.cluster_spec().as_dict()["ps"])
+    os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+    return tf.distribute.ParameterServerStrategy(
+        cluster_resolver, variable_partitioner=TablePartitioner(table_shards or num_ps))
+
+
+def run_server(cluster_resolver=None) -> None:
+    """Run this host's worker or parameter server (from ``TF_CONFIG``) until killed."""
+    import tensorflow as tf
+
+    if cluster_resolver is None:
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError("tfdlrm server needs TF_CONFIG naming the cluster and this task (see docs/parallelism.md)")
+        check_tf_config()
+        cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    task_type, task_id = cluster_resolver.task_type, cluster_resolver.task_id
+    if task_type not in ("worker", "ps"):
+        raise UserError(f"tfdlrm server runs a 'worker' or 'ps' task; TF_CONFIG's task is {task_type!r} "
+                        f"(the chief runs tfdlrm train --parallel ps)")
+    os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+    try:
+        server = tf.distribute.Server(cluster_resolver.cluster_spec(), job_name=task_type, task_index=task_id,
+                                      protocol=cluster_resolver.rpc_layer or "grpc", start=True)
+    except tf.errors.OpError as e:  # a bad address, a port in use
+        from tfdlrm.errors import io_error_text
+
+        raise UserError(f"cannot start the {task_type} {task_id} server: {io_error_text(e)}") from None
+    print(f"tfdlrm: {task_type} {task_id} serving at {server.target}", flush=True)
+    server.join()

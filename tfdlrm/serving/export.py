@@ -1,0 +1,249 @@
+"""``tfdlrm export``: a run's checkpoint -> ``saved_models/<model>/<version>/`` for TF Serving.
+
+Versions appear atomically (written to a partial directory, then renamed); ``--force``
+replaces one.  See docs/serving.md.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+from tfdlrm.serving.signatures import (
+    SIGNATURE_IDS,
+    SIGNATURE_RAW,
+    ServingModule,
+    _shape,
+    describe_signatures,
+    serving_features,
+    signature_functions,
+)
+from tfdlrm.serving.warmup import WARMUP_BATCH_SIZES, WARMUP_FILE, warmup_requests
+
+EXPORT_ROOT = "saved_models"
+EXTRA_DIR = "assets.extra"
+EXPORT_INFO = "export.json"
+EXPORT_FORMAT = "tfdlrm.serving"
+EXPORT_FORMAT_VERSION = 1
+_VERSION = re.compile(r"^\d+$")
+
+
+def write_saved_model(path: Path, model: tf.keras.Model, model_name: str, features=None,
+                      info: Optional[dict] = None, extra_files: Optional[dict] = None) -> dict:
+    """Write the SavedModel of ``model`` into the (new or empty) directory ``path``:
+    signatures, warm-up requests, ``assets.extra/export.json`` (``info`` added) and
+    ``extra_files`` (name -> bytes).  Returns export.json's content."""
+    functions = signature_functions(model, features)
+    module = ServingModule(model, features)
+    tf.saved_model.save(module, str(path), signatures=functions)
+    extra = Path(path) / EXTRA_DIR
+    extra.mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
+        for log in warmup_requests(model_name, functions, model.config):
+            writer.write(log.SerializeToString())
+    description = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model": model_name,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tensorflow": tf.__version__,
+        "config": model.config.to_dict(),
+        **(info or {}),
+        "signatures": describe_signatures(functions),
+        "serving_default": SIGNATURE_RAW if features is not None else SIGNATURE_IDS,
+        "choices": {
+            "categorical_invalid": "neither empty nor 8 hex digits -> the missing id" if features else None,
+            "categorical_case": "upper and lower case hex map alike" if features else None,
+            "dense_missing": "NaN, +inf, -inf and negative counts -> 0 (as a missing value)" if features else None,
+        },
+        "warmup_requests": len(WARMUP_BATCH_SIZES) * (len(functions) - (features is None)),
+    }
+    for name, data in (extra_files or {}).items():
+        (extra / name).write_bytes(data)
+    (extra / EXPORT_INFO).write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+@dataclass
+class Export:
+    """What :func:`export_run` wrote."""
+
+    path: Path
+    version: int
+    model: str
+    raw_features: bool
+    description: dict = field(repr=False, default_factory=dict)
+    run_dir: str = ""
+    checkpoint: str = ""
+
+    def summary(self) -> str:
+        lines = [f"exported {self.model} from {self.run_dir} ({Path(self.checkpoint).name}) to {self.path}"]
+        for name, sig in self.description["signatures"].items():
+            if name == SIGNATURE_RAW and not self.raw_features:
+                lines.append(f"  {name:16} = {SIGNATURE_IDS}")
+                continue
+            ins = ", ".join(f"{k} {v['dtype']} {_shape(v['shape'])}" for k, v in sig["inputs"].items())
+            outs = ", ".join(sig["outputs"])
+            lines.append(f"  {name:16} {ins} -> {outs}")
+        if not self.raw_features:
+            lines.append(f"note: the run trained on generated data ({self.description.get('data_kind')}), which "
+                         f"has no raw-feature mapping: serving_default takes mapped ids (dense, sparse), as "
+                         f"'{SIGNATURE_IDS}' does; there is no raw or tf.Example signature")
+        return "\n".join(lines)
+
+
+def versions(base: Path) -> list[int]:
+    """The integer version directories under ``base``, ascending."""
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if _VERSION.match(p.name) and p.is_dir())
+
+
+def _prepare_base(base: Path) -> None:
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=base, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise UserError(f"cannot write exports to {base}: {e.strerror or e}") from None
+
+
+def choose_version(base: Path, version: Optional[int], force: bool) -> int:
+    """``version``, or the next free number; an existing one only with ``force``."""
+    existing = versions(base)
+    if version is None:
+        return (existing[-1] + 1) if existing else 1
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
+        raise UserError(f"--version must be an integer >= 0, got {version!r}")
+    if (base / str(version)).exists() and not force:
+        free = (existing[-1] + 1) if existing else 1
+        raise UserError(f"{base / str(version)} exists; --force replaces it (or leave out --version for the next "
+                        f"free number, {free})")
+    return int(version)
+
+
+def _publish(tmp: Path, final: Path, force: bool) -> None:
+    """Move the finished export into place: one rename (a replaced version is moved
+    aside first, then deleted)."""
+    old = None
+    if final.exists():
+        if not force:
+            raise UserError(f"{final} appeared while exporting; --force replaces it")
+        old = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if old is not None:
+            os.rename(old, final)
+        raise UserError(f"cannot move the export into {final}: {e.strerror or e}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def make_partial_dir(base: Path, version: int) -> Path:
+    """A new ``base/.<version>.partial-*`` directory (TF Serving ignores names that are
+    not numbers), readable as a directory made with the process's umask would be (a
+    server running as another user must read the version it is renamed into)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def _read_run(run: Path) -> dict:
+    from tfdlrm.training.rundir import RUN_FILE
+
+    if not run.is_dir():
+        raise UserError(f"run directory {run} not found (give the --out of a train run)")
+    meta_path = run / RUN_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{run} is not a training run: {RUN_FILE} not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["model"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is unreadable: {e}") from None
+    return meta
+
+
+def default_base(model_name: str) -> Path:
+    return Path(EXPORT_ROOT) / model_name
+
+
+def check_destination(run_dir: str, out: Optional[str] = None, version: Optional[int] = None,
+                      force: bool = False, model_name: Optional[str] = None, create: bool = True
+                      ) -> tuple[Path, int]:
+    """Where an export of ``run_dir`` goes, ``(base, version)``: the version free (or
+    ``force``) and, with ``create``, the base directory made and checked writable
+    (``train --export`` calls this before training)."""
+    if model_name is None:
+        model_name = _read_run(Path(run_dir))["model"]
+    base = Path(out) if out else default_base(model_name)
+    if base.exists() and not base.is_dir():
+        raise UserError(f"cannot write exports to {base}: not a directory")
+    chosen = choose_version(base, version, force)
+    if create:
+        _prepare_base(base)
+    return base, chosen
+
+
+def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] = None, force: bool = False,
+               dataset: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> Export:
+    """Export the run in ``run_dir`` to ``out/<version>`` (default ``saved_models/<model>/<next>``)."""
+    from tfdlrm.training.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE, load_run
+
+    run = Path(run_dir)
+    meta = _read_run(run)
+    base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
+    # float32 compute whatever the run trained with: the weights are float32, and a serving
+    # host's CPU may lack native bfloat16 (a bf16 run's predictions differ by ~1e-3).
+    model, meta = load_run(run_dir, mixed_precision=None)
+    checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR)) or ""
+    features, info = serving_features(meta, model.config, dataset)
+    _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
+    info.update(run_dir=str(run.resolve()), checkpoint=str(Path(checkpoint).resolve()), version=chosen)
+    extra_files = {RUN_FILE: (run / RUN_FILE).read_bytes()}
+    if (run / METRICS_FILE).is_file():
+        extra_files[METRICS_FILE] = (run / METRICS_FILE).read_bytes()
+        info["metrics"] = {k: v for k, v in json.loads(extra_files[METRICS_FILE]).get("evaluation", {}).items()}
+    if info.get("dataset"):
+        from pipelines.manifest import MANIFEST
+
+        extra_files["dataset_manifest.json"] = (Path(info["dataset"]) / MANIFEST).read_bytes()
+    tmp = make_partial_dir(base, chosen)
+    try:
+        description = write_saved_model(tmp, model, meta["model"], features, info, extra_files)
+        _publish(tmp, base / str(chosen), force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = Export(path=base / str(chosen), version=chosen, model=meta["model"], raw_features=features is not None,
+                    description=description, run_dir=str(run_dir), checkpoint=checkpoint)
+    if log is not None:
+        log(result.summary())
+    return result
+
+
+def find_saved_model(path: str | os.PathLike) -> Path:
+    """A SavedModel directory: ``path`` itself, or its latest integer version."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    found = versions(path)
+    if found and (path / str(found[-1]) / "saved_model.pb").is_file():
+        return path / str(found[-1])
+    if not path.exists():
+        raise UserError(f"{path} not found (give a SavedModel directory, or a base directory of versions)")
+    raise UserError(f"{path} holds no SavedModel (no saved_model.pb, and no version directory with one)")

@@ -1,0 +1,190 @@
+"""The serving signatures of an export: raw features, tf.Example, ids, transform.
+
+Each takes its inputs by name, checks their shapes, maps raw values with the dataset's own
+mapping (pipelines/lookup.py) and returns probability and logit.  See docs/serving.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+
+SIGNATURE_RAW = "serving_default"
+SIGNATURE_EXAMPLES = "examples"
+SIGNATURE_IDS = "ids"
+SIGNATURE_TRANSFORM = "transform"
+ON_INVALID = "missing"
+
+
+class ServingModule(tf.Module):
+    """What the SavedModel holds: the model's variables and the raw-feature transform
+    (its lookup tables, whose vocabulary files become assets).  No Keras object is
+    tracked, so loading needs TensorFlow only; the signatures are ``tf.function``
+    graphs traced from the Keras model over these variables."""
+
+    def __init__(self, model: tf.keras.Model, features=None):
+        super().__init__(name="tfdlrm_serving")
+        self.model_variables = list(model.variables)
+        self.features = features
+
+
+def _require(condition, *message):
+    """An in-graph check: fails the request with ``InvalidArgument`` and a ``tfdlrm:`` message."""
+    return tf.debugging.Assert(condition, [f"tfdlrm: {message[0]}", *message[1:]], summarize=8)
+
+
+def _checked(inputs: dict, widths: dict) -> dict:
+    """``inputs`` guarded by checks of their widths and of equal batch sizes.
+
+    TF Serving feeds tensors to the graph without checking them against the
+    signature's shapes, so the checks must be in the graph.
+    """
+    def dim(name, i):  # -1 where the input has no dimension i (a scalar, a vector)
+        return tf.concat([tf.shape(inputs[name]), [-1, -1]], axis=0)[i]
+
+    checks = []
+    names = list(inputs)
+    for name, (width, what) in widths.items():
+        shape = tf.shape(inputs[name])
+        checks.append(_require(
+            tf.logical_and(tf.equal(tf.size(shape), 2), tf.equal(dim(name, 1), width)),
+            f"input {name} must be {what} of shape [batch, {width}]; got shape", shape))
+    with tf.control_dependencies(checks):  # a wrong shape is reported as such, not as a batch mismatch
+        first = names[0]
+        for name in names[1:]:
+            checks.append(_require(
+                tf.equal(dim(name, 0), dim(first, 0)),
+                f"inputs {first} and {name} must have the same batch size; got", dim(first, 0), "and",
+                dim(name, 0)))
+    with tf.control_dependencies(checks):
+        return {name: tf.identity(value) for name, value in inputs.items()}
+
+
+@contextlib.contextmanager
+def _ids_unchecked(model):
+    """Trace without the embedding layer's id range check (ids in range by construction)."""
+    arch = model.sparse_arch
+    saved = arch.check_ids
+    arch.check_ids = False
+    try:
+        yield
+    finally:
+        arch.check_ids = saved
+
+
+def signature_functions(model: tf.keras.Model, features=None) -> dict:
+    """The concrete signature functions of ``model`` (and ``features``, a
+    ``pipelines.features.RawFeatures``, or None for runs without a raw mapping)."""
+    from pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+    from pipelines.lookup import parse_raw_examples
+
+    config = model.config
+
+    def predict(dense, sparse):
+        logit = model.logits({"dense": dense, "sparse": sparse}, training=False)  # [batch, 1]
+        return {"probability": tf.math.sigmoid(logit), "logit": logit}
+
+    sparse_shape = [None, config.num_tables] + ([config.ids_per_lookup] if config.ids_per_lookup > 1 else [])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, config.num_dense], tf.float32, name="dense"),
+                                  tf.TensorSpec(sparse_shape, tf.int64, name="sparse")])
+    def ids(dense, sparse):
+        widths = {"dense": (config.num_dense, "float32 (transformed dense features)")}
+        if config.ids_per_lookup == 1:
+            widths["sparse"] = (config.num_tables, "int64 (categorical ids)")
+        checked = _checked({"dense": dense, "sparse": sparse}, widths)
+        return predict(checked["dense"], checked["sparse"])
+
+    functions = {SIGNATURE_IDS: ids.get_concrete_function()}
+    if features is None:
+        return {SIGNATURE_RAW: functions[SIGNATURE_IDS], **functions}
+
+    raw_widths = {"dense": (NUM_DENSE, "float32 (raw counts)"),
+                  "categorical": (NUM_CATEGORICAL, "string (raw 8-hex values)")}
+    raw_spec = [tf.TensorSpec([None, NUM_DENSE], tf.float32, name="dense"),
+                tf.TensorSpec([None, NUM_CATEGORICAL], tf.string, name="categorical")]
+
+    def mapped(dense, categorical):
+        checked = _checked({"dense": dense, "categorical": categorical}, raw_widths)
+        return features(checked["dense"], checked["categorical"])
+
+    @tf.function(input_signature=raw_spec)
+    def raw(dense, categorical):
+        inputs = mapped(dense, categorical)
+        return predict(inputs["dense"], inputs["sparse"])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def examples(examples):
+        dense, categorical = parse_raw_examples(examples)
+        inputs = features(dense, categorical)
+        return predict(inputs["dense"], inputs["sparse"])
+
+    @tf.function(input_signature=raw_spec)
+    def transform(dense, categorical):
+        return mapped(dense, categorical)
+
+    with _ids_unchecked(model):
+        return {SIGNATURE_RAW: raw.get_concrete_function(),
+                SIGNATURE_EXAMPLES: examples.get_concrete_function(),
+                SIGNATURE_IDS: functions[SIGNATURE_IDS],
+                SIGNATURE_TRANSFORM: transform.get_concrete_function()}
+
+
+def describe_signatures(functions: dict) -> dict:
+    """``{name: {"inputs": {key: {"dtype", "shape"}}, "outputs": {...}}}`` (shape: None = any)."""
+    def spec(s):
+        return {"dtype": s.dtype.name, "shape": [None if d is None else int(d) for d in s.shape.as_list()]}
+
+    out = {}
+    for name, fn in functions.items():
+        args, kwargs = fn.structured_input_signature
+        inputs = {**{s.name: s for s in args}, **kwargs}
+        out[name] = {"inputs": {k: spec(v) for k, v in inputs.items()},
+                     "outputs": {k: spec(v) for k, v in fn.structured_outputs.items()}}
+    return out
+
+
+def serving_features(meta: dict, config, dataset: Optional[str] = None):
+    """``(RawFeatures or None, info)`` for a run's ``run.json`` (``meta``).
+
+    Criteo runs get the mapping of the dataset they trained on, found at the path in
+    ``run.json`` (or ``dataset``), whose manifest must be the one the run recorded.
+    Generated data has no raw mapping: ``(None, info)``.
+    """
+    from pipelines.lookup import RawFeatures
+    from pipelines.manifest import MANIFEST, read_manifest
+    from pipelines.vocabulary import CategoricalMapping
+
+    data = meta.get("data") or {}
+    if data.get("kind") != "criteo":
+        return None, {"raw_features": False, "data_kind": data.get("kind")}
+    path = Path(dataset) if dataset else Path(data.get("path", ""))
+    manifest_file = path / MANIFEST
+    hint = "give its new location with --dataset DIR" if not dataset else "check --dataset"
+    if not manifest_file.is_file():
+        raise UserError(f"the run's dataset {path} has no {MANIFEST} (moved or deleted?): the export needs its "
+                        f"categorical mapping and vocabularies; {hint}")
+    manifest, raw = read_manifest(path, check_files=False)
+    if data.get("manifest_sha256") and hashlib.sha256(raw).hexdigest() != data["manifest_sha256"]:
+        raise UserError(f"{manifest_file} is not the manifest the run trained with (its sha256 differs from "
+                        f"run.json's): the dataset was converted again or replaced; {hint}")
+    try:
+        mapping = CategoricalMapping.load(path, manifest["mapping"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{manifest_file} is unreadable: {e}") from None
+    if tuple(mapping.table_sizes()) != tuple(config.table_rows):
+        raise UserError(f"{path}: the mapping gives tables of {list(mapping.table_sizes())} rows but the model has "
+                        f"{list(config.table_rows)}: not the dataset the run trained on")
+    features = RawFeatures(mapping, str(path), on_invalid=ON_INVALID)
+    info = {"raw_features": True, "data_kind": "criteo", "dataset": str(path.resolve()),
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "mapping": manifest["mapping"]}
+    return features, info
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join("batch" if d is None else str(d) for d in dims) + "]"

@@ -1,0 +1,235 @@
+"""Callbacks of a training run: its clock, the NaN stop, learning curves, checkpoints."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+from tfdlrm.errors import TrainingDiverged
+from tfdlrm.training.checkpoints import (
+    CheckpointStore,
+    metric_state,
+    non_finite_variable,
+    restore_metric_state,
+)
+from tfdlrm.training.stream import pass_seed
+
+
+class TrainingClock(tf.keras.callbacks.Callback):
+    """Wall time of the training part of each epoch (validation excluded)."""
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__()
+        self.seconds = float(seconds)  # a resumed run starts from the seconds saved with its checkpoint
+        self._start: Optional[float] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def _stop(self):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+    def exclude(self, seconds: float) -> None:
+        """Take ``seconds`` (spent saving a checkpoint) out of a running epoch's time."""
+        if self._start is not None:
+            self.seconds -= seconds
+
+    def state(self) -> dict:
+        running = time.perf_counter() - self._start if self._start is not None else 0.0
+        return {"seconds": self.seconds + running}
+
+
+class StopOnNonFinite(tf.keras.callbacks.Callback):
+    """Stop at the first batch whose loss is NaN or infinite, by raising
+    :class:`TrainingDiverged`, so that no later callback saves the broken weights.
+
+    ``checkpoints`` is a checkpoint directory, or a function naming the last good
+    checkpoint; ``first_step`` the optimizer steps taken before this ``fit`` (a resumed run).
+    """
+
+    _supports_tf_logs = True
+
+    def __init__(self, checkpoints: Union[str, Callable[[], Optional[str]], None] = None, first_step: int = 0):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.step = int(first_step)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise TrainingDiverged(self.step, self.epoch, self.last_checkpoint())
+
+    def last_checkpoint(self) -> Optional[str]:
+        if callable(self.checkpoints):
+            return self.checkpoints()
+        return tf.train.latest_checkpoint(self.checkpoints) if self.checkpoints else None
+
+
+class LearningCurve(tf.keras.callbacks.Callback):
+    """Training and held-out metrics every ``every`` steps, against examples seen.
+
+    Training accuracy and log loss are the means over the batches since the previous
+    point, derived from Keras's running epoch means (no extra computation).  Held-out
+    metrics are exact, over all of ``eval_dataset``.  ``points`` is a list of dicts:
+    ``step, examples, train_accuracy, train_logloss, eval_auc, eval_logloss,
+    eval_accuracy``.
+    """
+
+    def __init__(self, eval_dataset: tf.data.Dataset, every: int, batch_size: int):
+        super().__init__()
+        if every <= 0:
+            raise ValueError(f"every must be positive, got {every}")
+        self.eval_dataset = eval_dataset
+        self.every = int(every)
+        self.batch_size = int(batch_size)
+        self.points: list[dict] = []
+        self._step = 0
+        self._epoch_batches = 0
+        self._last = (0, 0.0, 0.0)  # batches into the epoch, running accuracy, running logloss
+        self._resume_batches: Optional[int] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resume_batches is not None:  # a run resumed mid-epoch: the epoch's metrics are restored too
+            self._epoch_batches, self._resume_batches = self._resume_batches, None
+            return
+        self._epoch_batches = 0
+        self._last = (0, 0.0, 0.0)
+
+    def state(self) -> dict:
+        return {"every": self.every, "points": self.points, "step": self._step,
+                "epoch_batches": self._epoch_batches, "last": list(self._last)}
+
+    def restore(self, state: dict, mid_epoch: bool) -> None:
+        """Continue from ``state()`` saved with a checkpoint (``mid_epoch``: saved inside an epoch)."""
+        self.every = int(state["every"])
+        self.points = [dict(p) for p in state["points"]]
+        self._step = int(state["step"])
+        if mid_epoch:
+            self._resume_batches = int(state["epoch_batches"])
+            self._last = tuple(state["last"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        self._epoch_batches = batch + 1
+        if self._step % self.every == 0:
+            self._record(logs or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._step % self.every != 0 and self._epoch_batches > self._last[0]:
+            self._record(logs or {})  # the epoch's tail, so each epoch ends on a point
+
+    def _record(self, logs: dict) -> None:
+        from tfdlrm.training.evaluate import evaluate
+
+        n = self._epoch_batches
+        acc = float(logs.get("accuracy", np.nan))
+        loss = float(logs.get("logloss", logs.get("loss", np.nan)))
+        n0, acc0, loss0 = self._last
+        interval = n - n0
+        train_acc = (n * acc - n0 * acc0) / interval
+        train_loss = (n * loss - n0 * loss0) / interval
+        self._last = (n, acc, loss)
+        held_out = evaluate(self.model, self.eval_dataset)
+        self.points.append({
+            "step": self._step,
+            "examples": self._step * self.batch_size,
+            "train_accuracy": train_acc,
+            "train_logloss": train_loss,
+            "eval_auc": held_out.auc,
+            "eval_logloss": held_out.logloss,
+            "eval_accuracy": held_out.accuracy,
+        })
+
+
+class RunCheckpoints(tf.keras.callbacks.Callback):
+    """Save the run every ``every`` steps (None: never mid-epoch) and at each epoch end.
+
+    Never saves a state with a non-finite loss, weight or slot: it raises
+    :class:`~tfdlrm.errors.TrainingDiverged` instead.  ``history`` is the whole run's
+    (earlier processes' epochs included).  ``state_of`` maps a name to an object with
+    ``state()`` (saved in each record) for other callbacks to resume from.
+    """
+
+    _supports_tf_logs = True
+
+    def __init__(self, store: CheckpointStore, every: Optional[int], steps_per_epoch: int, batches_per_pass: int,
+                 seed: int, start_epoch: int = 0, start_batch: int = 0, history: Optional[dict] = None,
+                 metrics: Optional[dict] = None, extra: Optional[dict] = None, state_of: Optional[dict] = None,
+                 clock=None, identity: Optional[dict] = None):
+        super().__init__()
+        self.store, self.every = store, every
+        self.steps_per_epoch, self.batches_per_pass, self.seed = steps_per_epoch, batches_per_pass, seed
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.history = {k: list(v) for k, v in (history or {}).items()}
+        self._resume_metrics = metrics
+        self.extra = dict(extra or {})
+        self.state_of = dict(state_of or {})
+        self.clock = clock
+        self.identity = dict(identity or {})
+        self.epoch, self.batch = start_epoch, start_batch
+        self.saved: list[str] = []
+
+    def _implements_train_batch_hooks(self):
+        return self.every is not None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.batch = self.start_batch if epoch == self.start_epoch else 0
+        if epoch == self.start_epoch and self._resume_metrics is not None:
+            restore_metric_state(self.model, self._resume_metrics)  # after fit's reset of the metrics
+            self._resume_metrics = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch = batch + 1
+        step = self.epoch * self.steps_per_epoch + self.batch
+        if self.every and step % self.every == 0 and self.batch < self.steps_per_epoch:
+            self._save("step", f"step-{step:08d}", step, self.epoch, self.batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        step = (epoch + 1) * self.steps_per_epoch
+        self._save("epoch", f"epoch-{epoch + 1:03d}", step, epoch + 1, 0, logs)
+
+    def _save(self, kind, name, step, epoch, batch, logs):
+        from tfdlrm.errors import TrainingDiverged
+
+        started = time.perf_counter()
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise TrainingDiverged(step, epoch + (kind == "step"), self.store.describe_latest())
+        bad = non_finite_variable(self.model)
+        if bad is not None:
+            raise TrainingDiverged(step, epoch + (kind == "step"), self.store.describe_latest(),
+                                   what=f"{bad} became NaN or infinite")
+        position = epoch * self.steps_per_epoch + batch
+        record = dict(self.identity)
+        record.update({
+            "kind": kind, "step": step, "epoch": epoch, "batch": batch,
+            "data": {"position": position, "batches_per_pass": self.batches_per_pass,
+                     "pass": position // self.batches_per_pass, "offset": position % self.batches_per_pass,
+                     "seed": self.seed, "pass_seed": pass_seed(self.seed, position // self.batches_per_pass)},
+            "metrics": metric_state(self.model) if kind == "step" else None,
+            "history": self.history,
+            "extra": self.extra,
+        })
+        record["state"] = {key: obj.state() for key, obj in self.state_of.items()}
+        self.store.save(self.model, name, record)
+        self.saved.append(name)
+        if self.clock is not None:
+            self.clock.exclude(time.perf_counter() - started)

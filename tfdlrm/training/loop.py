@@ -1,0 +1,214 @@
+"""``train(spec)``: what ``python -m tfdlrm train`` does, as one function.
+
+Open the data, set up devices, build and compile, resume from the run directory's newest
+good checkpoint, ``model.fit`` with the run's callbacks, evaluate exactly, write
+``metrics.json``.  See docs/training.md.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from tfdlrm.errors import UserError
+from tfdlrm.parallel.devices import parse_budget
+from tfdlrm.parallel.setup import configure_devices, make_parallel
+from tfdlrm.training.callbacks import (
+    LearningCurve,
+    RunCheckpoints,
+    StopOnNonFinite,
+    TrainingClock,
+)
+from tfdlrm.training.checkpoints import build_metrics, first_line
+from tfdlrm.training.compile import build_model, compile_model
+from tfdlrm.training.evaluate import evaluate
+from tfdlrm.training.rundir import (
+    CHECKPOINT_DIR,
+    LOGS_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    RunStatus,
+    open_run,
+    prepare_out_dir,
+    write_json,
+)
+from tfdlrm.training.spec import (
+    RunResult,
+    TrainSpec,
+    model_config_for,
+    result_from_dict,
+)
+from tfdlrm.training.stream import StartAt, training_stream
+
+
+def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
+    """Train ``spec.model`` with ``model.fit`` and evaluate it exactly on the held-out split.
+
+    With ``spec.out`` holding an unfinished run of the same settings, training resumes
+    from its newest good checkpoint; a finished run is returned as it is (``spec.restart``
+    trains it again).
+    """
+    from pipelines.sources import open_data
+
+
+    spec.check()
+    if spec.devices is not None and spec.parallel != "ps":
+        configure_devices(spec.devices)  # before TensorFlow's runtime starts
+    if spec.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    tf.keras.utils.set_random_seed(spec.seed)
+    source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
+                       eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data,
+                       cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency)
+    config = source.config
+    out = prepare_out_dir(spec.out) if spec.out else None
+    per_pass = source.train_batches(spec.batch_size)
+    steps_per_epoch = spec.steps_per_epoch or per_pass
+    total_steps = spec.epochs * steps_per_epoch
+    from tfdlrm.models.fast_step import resolve_mixed_precision, resolve_xla
+
+    precision = resolve_mixed_precision(spec.mixed_precision)
+    run_info = {"model": spec.model, "config": config.to_dict(), "data": source.describe(), "spec": spec.to_dict(),
+                "mixed_precision": precision or "off"}
+    status = None
+    if out is not None:
+        status = open_run(out, run_info, restart=spec.restart, total_steps=total_steps,
+                               spec_defaults=TrainSpec().to_dict(), run_file=RUN_FILE, metrics_file=METRICS_FILE,
+                               checkpoint_dir=CHECKPOINT_DIR, logs_dir=LOGS_DIR)
+        if status.finished is not None:
+            result = result_from_dict(status.finished)
+            log(f"{out}: this run finished earlier; {spec.model} held-out: {result.evaluation}  "
+                f"(nothing to train: --restart trains it again, a larger --epochs continues it)")
+            return result
+
+    setup = make_parallel(spec.parallel, spec.devices, config, parse_budget(spec.budget),
+                                   spec.model)
+    xla = resolve_xla(spec.xla, setup.mode)
+    with setup.scope():
+        model = build_model(spec.model, config, mixed_precision=precision)
+        compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr, xla=xla)
+    setup.attach(model)
+    params = model.count_params()
+    log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
+        f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
+        f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}; "
+        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs")
+    if setup.plan is not None and len(setup.devices) > 1:
+        per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
+        log(f"embedding bytes per device: {per_device}")
+        for t in setup.plan.tables:
+            if t.split:
+                log(f"table {t.name} split by rows over {len(t.shards)} devices: "
+                    + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
+
+    record = resume(model, status, log) if status is not None else None
+    start_epoch, start_batch = (record["epoch"], record["batch"]) if record else (0, 0)
+    start = start_epoch * steps_per_epoch + start_batch
+    saved_state = record.get("state", {}) if record else {}
+    resumed_from = list(record.get("extra", {}).get("resumed_from", [])) if record else []
+    if record:
+        resumed_from.append({"checkpoint": record["name"], "step": record["step"]})
+    if out is not None:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # a continued run's old results are not its results
+        write_json(out / RUN_FILE, run_info)
+
+    if setup.mode == "ps":
+        # Each worker reads its own shard of the data; the coordinator evaluates.
+        train_data = tf.keras.utils.experimental.DatasetCreator(
+            lambda context: source.train_dataset(spec.batch_size, seed=spec.seed, input_context=context).repeat())
+    elif start < total_steps:
+        train_data = training_stream(source, spec.batch_size, spec.seed, start, total_steps)
+    eval_data = source.eval_dataset(spec.eval_batch_size)
+
+    clock = TrainingClock(saved_state.get("clock", {}).get("seconds", 0.0))
+    callbacks: list = [clock]
+    store = status.store if status is not None else None
+    if setup.mode != "ps":  # Keras allows no batch-level callbacks under ParameterServerStrategy
+        callbacks.append(StopOnNonFinite(store.describe_latest if store else None, first_step=start))
+    curve = None
+    if spec.curve_points and setup.mode == "ps":
+        raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
+                        "allow with --parallel ps; use --curve-points 0")
+    if spec.curve_points:
+        curve = LearningCurve(eval_data, max(1, total_steps // spec.curve_points), spec.batch_size)
+        if "curve" in saved_state:
+            curve.restore(saved_state["curve"], mid_epoch=start_batch > 0)
+        callbacks.append(curve)
+    saver = None
+    if out is not None:
+        state_of = {"clock": clock}
+        if curve is not None:
+            state_of["curve"] = curve
+        saver = RunCheckpoints(
+            store, spec.checkpoint_every, steps_per_epoch, per_pass, spec.seed, start_epoch, start_batch,
+            history=record.get("history") if record else None,
+            metrics=record.get("metrics") if record and start_batch else None,
+            extra={"resumed_from": resumed_from}, state_of=state_of, clock=clock,
+            identity={"model": spec.model, "config": config.to_dict()})
+        if start_batch and record.get("metrics"):
+            build_metrics(model)  # so that the epoch's running metrics can be set before its next step
+        callbacks += [
+            tf.keras.callbacks.TensorBoard(log_dir=str(out / LOGS_DIR), update_freq="epoch", profile_batch=0),
+            saver,  # after TensorBoard: a run killed between the two repeats the epoch's summary, not loses it
+        ]
+    history: dict = {}
+    if start < total_steps:
+        if start_batch:
+            StartAt(start_epoch, start_batch).attach(model)
+        try:
+            fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
+                               initial_epoch=start_epoch, callbacks=callbacks,
+                               validation_data=None if setup.mode == "ps" else eval_data, verbose=spec.verbose)
+        finally:
+            StartAt.detach(model)
+        history = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
+    if saver is not None:
+        history = saver.history  # the whole run's, epochs of earlier processes included
+
+    evaluation = evaluate(model, eval_data)
+    teacher = source.teacher_auc()
+    steps = int(model.optimizer.iterations.numpy())
+    trained_examples = steps * spec.batch_size
+    if spec.steps_per_epoch is None:  # the last batch of an epoch may be short
+        trained_examples = min(trained_examples, spec.epochs * source.train_examples)
+    result = RunResult(
+        model=spec.model,
+        evaluation=evaluation,
+        params=params,
+        train_seconds=clock.seconds,
+        examples_per_second=trained_examples / clock.seconds if clock.seconds else float("nan"),
+        teacher_auc=teacher,
+        history=history,
+        run_dir=str(out) if out else None,
+        examples=trained_examples,
+        curve=curve.points if curve else [],
+        resumed_from=resumed_from,
+    )
+    line = f"{spec.model} held-out: {evaluation}"
+    if teacher is not None:
+        line += f"  [teacher AUC {teacher:.4f}]"
+    log(line)
+    if out is not None:
+        write_json(out / METRICS_FILE, result.to_dict())
+    return result
+
+
+def resume(model: tf.keras.Model, status: "RunStatus", log: Callable[[str], None]) -> Optional[dict]:
+    """Restore the newest of ``status.candidates`` that restores cleanly into ``model`` (older
+    ones if it is damaged); returns its record, or None to train from scratch."""
+    store = status.store
+    for record in status.candidates:
+        try:
+            store.restore(model, record)
+        except (tf.errors.OpError, ValueError, AssertionError) as e:
+            log(f"checkpoint {store.prefix(record)} cannot be restored ({first_line(e)}); "
+                f"trying the one before")
+            continue
+        dropped = store.discard_after(record)
+        log(f"resuming from {store.prefix(record)}: step {record['step']:,}, epoch {record['epoch'] + 1}"
+            + (f" after batch {record['batch']:,}" if record["batch"] else " from its start")
+            + (f" (dropped incomplete or damaged: {', '.join(dropped)})" if dropped else ""))
+        return record
+    if status.candidates:
+        raise UserError(f"no checkpoint in {store.dir} can be restored: --restart trains the run from scratch")
+    return None

@@ -1,0 +1,125 @@
+"""What a training run takes (``TrainSpec``, the flags of ``train``) and gives (``RunResult``)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tfdlrm.errors import UserError
+from tfdlrm.metrics import Evaluation
+from tfdlrm.presets import MODEL_NAMES, ModelConfig, get_preset
+from tfdlrm.training.compile import make_optimizer
+
+
+@dataclass
+class TrainSpec:
+    """Everything ``python -m tfdlrm train`` takes; ``train(spec)`` runs it."""
+
+    model: str = "dlrm"
+    preset: str = "tiny"
+    data: str = "synthetic"
+    eval_data: Optional[str] = None
+    rows: Optional[int] = None
+    overrides: dict = field(default_factory=dict)
+    epochs: int = 1
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 128
+    eval_batch_size: int = 4096
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    embedding_optimizer: Optional[str] = None
+    embedding_lr: Optional[float] = None
+    seed: int = 1
+    data_seed: int = 0
+    train_examples: int = 500_000
+    eval_examples: int = 100_000
+    out: Optional[str] = None
+    curve_points: int = 0
+    verbose: int | str = "auto"
+    # tfdlrm.parallel: a device count or list; none|hybrid|mirrored|ps (default: hybrid
+    # over several devices); hybrid's per-device byte budget for embeddings.
+    devices: Optional[int | str | list] = None
+    parallel: Optional[str] = None
+    budget: Optional[int | str] = None
+    # raw Criteo TSV given as data: where and how it is converted (pipelines/cache.py)
+    cache_dir: Optional[str] = None
+    hash_buckets: Optional[int] = None
+    min_frequency: Optional[int] = None
+    # fault tolerance (tfdlrm/training/checkpoints.py): a checkpoint every N steps besides each epoch end;
+    # deterministic ops (tf.config.experimental.enable_op_determinism); discard the run in ``out``.
+    checkpoint_every: Optional[int] = None
+    deterministic: bool = False
+    restart: bool = False
+    # speed (tfdlrm/models/fast_step.py): the one-device step (auto = sparse on one device, off in
+    # parallel modes) and bfloat16 MLPs (auto = on where the CPU has native bf16)
+    xla: str = "auto"
+    mixed_precision: str = "auto"
+
+    def check(self) -> "TrainSpec":
+        if self.model not in MODEL_NAMES:
+            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise UserError(f"steps-per-epoch must be positive, got {self.steps_per_epoch}")
+        if self.curve_points < 0:
+            raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
+        if self.rows is not None and self.rows <= 0:
+            raise UserError(f"rows must be positive, got {self.rows}")
+        if self.checkpoint_every is not None:
+            if self.checkpoint_every <= 0:
+                raise UserError(f"checkpoint-every must be positive, got {self.checkpoint_every}")
+            if not self.out:
+                raise UserError("--checkpoint-every needs --out: the run directory its checkpoints go to")
+            if self.parallel == "ps":
+                raise UserError("--checkpoint-every needs batch-level callbacks, which Keras does not allow with "
+                                "--parallel ps; ps runs checkpoint at each epoch end")
+        make_optimizer(self.optimizer, self.lr)
+        if self.embedding_optimizer is not None or self.embedding_lr is not None:
+            make_optimizer(self.embedding_optimizer or self.optimizer, self.embedding_lr or self.lr)
+        from tfdlrm.parallel.devices import check_parallel_args
+
+        check_parallel_args(self.parallel, self.devices, self.budget, self.steps_per_epoch)
+        from tfdlrm.models.fast_step import resolve_mixed_precision, resolve_xla
+
+        resolve_xla(self.xla, self.parallel)
+        resolve_mixed_precision(self.mixed_precision)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunResult:
+    model: str
+    evaluation: Evaluation
+    params: int
+    train_seconds: float
+    examples_per_second: float
+    teacher_auc: Optional[float]
+    history: dict
+    run_dir: Optional[str]
+    examples: int = 0
+    curve: list = field(default_factory=list)
+    diverged: Optional[str] = None
+    resumed_from: list = field(default_factory=list)  # checkpoints this run continued from, oldest first
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["evaluation"] = self.evaluation.to_dict()
+        return out
+
+
+def model_config_for(spec: TrainSpec) -> ModelConfig:
+    return get_preset(spec.preset, rows=spec.rows, **spec.overrides)
+
+
+def result_from_dict(data: dict) -> RunResult:
+    """A :class:`RunResult` from its ``metrics.json`` form (nulls back to NaN)."""
+    data = dict(data)
+    data["evaluation"] = Evaluation(**{k: (float("nan") if v is None else v) for k, v in data["evaluation"].items()})
+    for key in ("train_seconds", "examples_per_second"):
+        data[key] = float("nan") if data.get(key) is None else data[key]
+    return RunResult(**data)
