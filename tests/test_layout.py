@@ -16,7 +16,8 @@ PACKAGES = ("tfdlrm", "pipelines", "baselines")
 
 # Lowest first: a module may import from its own layer or any layer before it.
 LAYERS = [
-    ("config", ("tfdlrm", "tfdlrm._env", "tfdlrm.errors", "tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.metrics")),
+    ("config", ("tfdlrm", "tfdlrm._env", "tfdlrm.errors", "tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.metrics",
+                "tfdlrm.stats")),
     ("layers", ("tfdlrm.layers",)),
     ("models", ("tfdlrm.models", "baselines")),
     ("data", ("pipelines",)),
