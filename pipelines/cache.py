@@ -25,15 +25,20 @@ def default_cache_dir() -> Path:
 
 def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Optional[str] = None,
                       hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] = print, val_data: Optional[str] = None,
+                      val_fraction: Optional[float] = None) -> Path:
     """The converted dataset of raw file ``train`` (and held-out ``eval_data``), converting on first use.
 
-    Without ``eval_data``, ``train`` is split by Kaggle's days.  The cache entry is
+    Without ``eval_data``, ``train`` is split by Kaggle's days.  ``val_data`` (a file) or
+    ``val_fraction`` (the last part of ``train``) makes a validation split.  The cache entry is
     ``CACHE/criteo/<name>-<key>``, where the key hashes the files' paths, sizes and
     modification times, the mapping and the converter's schema version: a changed
     file or setting converts again, anything else reuses the entry.
     """
-    paths = [train] + ([eval_data] if eval_data else [])
+    if (val_data or val_fraction) and not eval_data:
+        raise UserError("--val-data and --val-fraction need --eval-data (raw data already split into train and "
+                        "test); for Kaggle's day split convert it with --halve-held-out")
+    paths = [train] + ([eval_data] if eval_data else []) + ([val_data] if val_data else [])
     files = []
     for path in paths:
         check_input(path)
@@ -41,10 +46,13 @@ def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Op
         files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
     spec = ConvertSpec(out="", hash_buckets=hash_buckets, min_frequency=min_frequency,
                        inputs=[train] if not eval_data else (), train=[train] if eval_data else (),
-                       test=[eval_data] if eval_data else ())
+                       test=[eval_data] if eval_data else (), val=[val_data] if val_data else (),
+                       val_fraction=val_fraction)
     threshold = None if hash_buckets is not None else (min_frequency or 1)
     key_data = {"schema": SCHEMA_VERSION, "files": files, "mapping": [spec.mapping_kind, hash_buckets, threshold],
                 "split": bool(eval_data)}
+    if val_data or val_fraction:  # (absent otherwise, so that earlier cache entries keep their keys)
+        key_data["val"] = [bool(val_data), val_fraction]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / "criteo" / f"{Path(train).name}-{key}"
@@ -53,6 +61,8 @@ def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Op
         return out
     spec.out = str(out)
     log(f"converting {train}" + (f" and {eval_data}" if eval_data else " (split into 7 days)")
+        + (f", validation {val_data}" if val_data else "")
+        + (f", the last {val_fraction:g} of the training rows held out for validation" if val_fraction else "")
         + f" into the cache {out} (once; later runs reuse it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,7 @@ class ConvertSpec:
     hash_buckets: Optional[int] = None
     min_frequency: Optional[int] = None
     halve_held_out: bool = False
+    val_fraction: Optional[float] = None  # with --train: the last fraction of the training lines -> val
     shuffle: bool = False
     seed: int = 0
     on_bad_row: str = "error"
@@ -108,6 +109,13 @@ class ConvertSpec:
             raise UserError("--train given without --test: name the held-out file(s) with --test")
         if given and self.halve_held_out:
             raise UserError("--halve-held-out applies to day splits (--input); give --val and --test instead")
+        if self.val_fraction is not None:
+            if not 0 < self.val_fraction < 1:
+                raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+            if not self.train:
+                raise UserError("--val-fraction holds out part of --train; for day splits use --halve-held-out")
+            if self.val:
+                raise UserError("give either --val FILES or --val-fraction, not both")
         if self.hash_buckets is not None and self.min_frequency is not None:
             raise UserError("choose one categorical mapping: --hash-buckets N or --min-frequency T, not both")
         if self.hash_buckets is not None:

@@ -15,12 +15,15 @@ import tensorflow as tf
 
 from tfdlrm.errors import UserError
 
-SPLITS = {"train": 0, "eval": 1}
+SPLITS = {"train": 0, "eval": 1, "val": 2}
 DENSE_DISTRIBUTIONS = ("uniform", "normal")
 
 
 def _seed(seed: int, split: str, batch: tf.Tensor) -> tf.Tensor:
-    """A stateless seed pair for batch ``batch`` of ``split``."""
+    """A stateless seed pair for batch ``batch`` of ``split``: train and eval interleave
+    (2i, 2i + 1), val takes the negative numbers, so no two batches share a seed."""
+    if SPLITS[split] == 2:
+        return tf.stack([tf.constant(seed, tf.int64), -1 - tf.cast(batch, tf.int64)])
     return tf.stack([tf.constant(seed, tf.int64), tf.cast(batch, tf.int64) * 2 + SPLITS[split]])
 
 

@@ -6,13 +6,13 @@ and resumable at any batch.  See docs/data.md.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
 import tensorflow as tf
 
+from pipelines.batching import batches_per_epoch, rebatch
 from pipelines.features import NUM_DENSE
 from pipelines.manifest import ROW_WORDS, read_manifest
 from tfdlrm.errors import UserError
@@ -69,9 +69,10 @@ class CriteoDataset:
 
     def dataset(self, split: str, batch_size: int, seed: Optional[int] = None, start_batch: int = 0,
                 input_context: Optional[tf.distribute.InputContext] = None,
-                deterministic: bool = True) -> tf.data.Dataset:
+                deterministic: bool = True, last_batch: str = "keep") -> tf.data.Dataset:
         """Batches of ``split``: shuffled by ``seed`` (None: file order), starting at batch
-        ``start_batch``, only this input pipeline's blocks under ``input_context``."""
+        ``start_batch``, only this input pipeline's blocks under ``input_context``; the
+        short last batch kept, dropped or folded (pipelines/batching.py)."""
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
         info = self._split(split)
@@ -84,7 +85,7 @@ class CriteoDataset:
         if rows == 0:
             raise UserError(f"input pipeline {index} of {pipelines} gets no rows of the {split} split "
                             f"({len(self._block_rows(split))} blocks): use fewer workers or smaller blocks")
-        batches = math.ceil(rows / batch_size)
+        batches = batches_per_epoch(rows, batch_size, last_batch)
         if not 0 <= start_batch <= batches:
             raise UserError(f"start batch {start_batch} is outside the {batches} batches of the {split} split")
 
@@ -112,8 +113,7 @@ class CriteoDataset:
         else:
             data = data.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         # Parsed per block or window above; per batch only the slicing of rebatch remains.
-        data = data.rebatch(batch_size)
-        data = data.apply(tf.data.experimental.assert_cardinality(batches))
+        data = rebatch(data, rows, batch_size, last_batch)
         if start_batch:
             data = data.skip(start_batch)
         options = tf.data.Options()

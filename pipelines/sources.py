@@ -18,6 +18,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from pipelines.batching import batches_per_epoch, rebatch
 from pipelines.generators import RandomData, SyntheticData
 from tfdlrm.errors import UserError
 from tfdlrm.presets import CRITEO_DENSE, GENERATED, ModelConfig
@@ -28,29 +29,37 @@ SYNTHETIC_BLOCK = 1024
 
 
 class DataSource:
-    """A training split and an evaluation split.
+    """A training split, a held-out (test) split, and where there is one a validation split.
 
     Attributes: ``name``, ``config`` (the model config with the data's table sizes),
-    ``train_examples`` and ``eval_examples`` (rows per split).
+    ``train_examples``, ``eval_examples`` and ``val_examples`` (rows per split; 0: no val).
+    Model selection (the best epoch, early stopping) uses val, never the test split.
     """
 
     name: str
     config: ModelConfig
     train_examples: int
     eval_examples: int
+    val_examples: int = 0
 
     def train_dataset(self, batch_size: int, seed: Optional[int] = None, start_batch: int = 0,
-                      input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
-        """One epoch of training batches (shuffled by ``seed`` where the source can)."""
+                      input_context: Optional[tf.distribute.InputContext] = None,
+                      last_batch: str = "keep") -> tf.data.Dataset:
+        """One epoch of training batches (shuffled by ``seed`` where the source can; the
+        short last batch kept, dropped or folded: pipelines/batching.py)."""
         raise NotImplementedError
 
     def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
         """All of the held-out split, in a fixed order."""
         raise NotImplementedError
 
-    def train_batches(self, batch_size: int) -> int:
+    def val_dataset(self, batch_size: int) -> Optional[tf.data.Dataset]:
+        """All of the validation split in a fixed order, or None where the data has none."""
+        return None
+
+    def train_batches(self, batch_size: int, last_batch: str = "keep") -> int:
         """Batches in one training epoch."""
-        return math.ceil(self.train_examples / batch_size)
+        return batches_per_epoch(self.train_examples, batch_size, last_batch)
 
     def teacher_auc(self, batch_size: int = 4096) -> Optional[float]:
         """The best AUC a model can reach on the eval split, where known (synthetic data)."""
@@ -87,31 +96,38 @@ class GeneratedSource(DataSource):
             self.generator = SyntheticData(config.table_rows, config.num_dense, self.data_seed)
             self.train_examples = _whole_blocks(train_examples, "train examples")
             self.eval_examples = _whole_blocks(eval_examples, "eval examples")
+        self.val_examples = self.eval_examples  # a validation split as large as the held-out one
         self._teacher_auc: Optional[float] = None
 
     def _blocks(self, split: str, examples: int, batch_size: int, order_seed: Optional[int],
-                start_batch: int, with_teacher: bool = False) -> tf.data.Dataset:
+                start_batch: int, with_teacher: bool = False, last_batch: str = "keep") -> tf.data.Dataset:
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
         if self.name == "random":
-            # The paper's random data: one generated block per batch.
+            # The paper's random data: one generated block per batch (all full: no short last batch).
             batches = math.ceil(examples / batch_size)
             return self.generator.dataset(batch_size, batches, split, start_batch, order_seed)
         blocks = examples // SYNTHETIC_BLOCK
         data = self.generator.dataset(SYNTHETIC_BLOCK, blocks, split, 0, order_seed, with_teacher)
-        # rebatch() loses the cardinality; restore it so Keras shows a real progress bar.
-        data = data.rebatch(batch_size).apply(
-            tf.data.experimental.assert_cardinality(math.ceil(examples / batch_size)))
+        data = rebatch(data, examples, batch_size, last_batch)  # with its cardinality, for Keras's progress bar
         return data.skip(start_batch) if start_batch else data
 
-    def train_dataset(self, batch_size, seed=None, start_batch=0, input_context=None):
-        data = self._blocks("train", self.train_examples, batch_size, seed, start_batch)
+    def train_batches(self, batch_size: int, last_batch: str = "keep") -> int:
+        if self.name == "random":
+            return math.ceil(self.train_examples / batch_size)
+        return super().train_batches(batch_size, last_batch)
+
+    def train_dataset(self, batch_size, seed=None, start_batch=0, input_context=None, last_batch="keep"):
+        data = self._blocks("train", self.train_examples, batch_size, seed, start_batch, last_batch=last_batch)
         if input_context is not None and input_context.num_input_pipelines > 1:
             data = data.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return data
 
     def eval_dataset(self, batch_size):
         return self._blocks("eval", self.eval_examples, batch_size, None, 0)
+
+    def val_dataset(self, batch_size):
+        return self._blocks("val", self.val_examples, batch_size, None, 0)
 
     def teacher_auc(self, batch_size: int = 4096) -> Optional[float]:
         if self.name != "synthetic":
@@ -149,9 +165,8 @@ def _whole_blocks(examples: int, what: str) -> int:
 class CriteoSource(DataSource):
     """A converted Criteo dataset (``pipelines/reader.py``); table sizes from its manifest.
 
-    The training split trains; the held-out ``eval_split`` (``test``) evaluates.  A
-    dataset converted with ``--halve-held-out`` also has ``val``:
-    ``split_dataset("val", batch_size)``.
+    The training split trains; the held-out ``eval_split`` (``test``) evaluates; a
+    ``val`` split (``convert --halve-held-out``, ``--val``, ``--val-fraction``) selects.
     """
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, eval_split: str = "test",
@@ -171,13 +186,18 @@ class CriteoSource(DataSource):
         self.config = config.with_rows(self.dataset.table_sizes)
         self.train_examples = self.dataset.rows("train")
         self.eval_examples = self.dataset.rows(eval_split)
+        self.val_examples = self.dataset.rows("val") if "val" in self.dataset.splits and eval_split != "val" else 0
 
-    def train_dataset(self, batch_size, seed=None, start_batch=0, input_context=None, deterministic=True):
+    def train_dataset(self, batch_size, seed=None, start_batch=0, input_context=None, deterministic=True,
+                      last_batch="keep"):
         return self.dataset.dataset("train", batch_size, seed=seed, start_batch=start_batch,
-                                    input_context=input_context, deterministic=deterministic)
+                                    input_context=input_context, deterministic=deterministic, last_batch=last_batch)
 
     def eval_dataset(self, batch_size):
         return self.dataset.dataset(self.eval_split, batch_size)
+
+    def val_dataset(self, batch_size):
+        return self.dataset.dataset("val", batch_size) if self.val_examples else None
 
     def split_dataset(self, split: str, batch_size: int, **kwargs):
         """Any split of the dataset (``train``, ``val``, ``test``), in file order unless ``seed`` is given."""
@@ -193,6 +213,7 @@ class CriteoSource(DataSource):
             "eval_split": self.eval_split,
             "train_examples": self.train_examples,
             "eval_examples": self.eval_examples,
+            "val_examples": self.val_examples,
             "table_rows": list(self.config.table_rows),
             "mapping": {k: v for k, v in manifest["mapping"].items() if k != "vocabulary_sizes"},
             "sources": [{"path": src["path"], "sha256": src["sha256"]} for src in manifest["sources"]],
@@ -205,7 +226,8 @@ class CriteoSource(DataSource):
 def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, eval_examples: int = 100_000,
               data_seed: int = 0, dense_distribution: str = "uniform", variable_bags: bool = False,
               eval_data: Optional[str] = None, cache_dir: Optional[str] = None,
-              hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None) -> DataSource:
+              hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None,
+              val_data: Optional[str] = None, val_fraction: Optional[float] = None) -> DataSource:
     """The data named by ``spec``: ``random``, ``synthetic``, a converted dataset
     directory, or a raw Criteo TSV file (with ``eval_data`` its held-out file).
 
@@ -214,7 +236,8 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
     preset's.  ``cache_dir``, ``hash_buckets`` and ``min_frequency`` apply to raw
     files (how and where they are converted).
     """
-    raw_options = {"--cache-dir": cache_dir, "--hash-buckets": hash_buckets, "--min-frequency": min_frequency}
+    raw_options = {"--cache-dir": cache_dir, "--hash-buckets": hash_buckets, "--min-frequency": min_frequency,
+                   "--val-data": val_data, "--val-fraction": val_fraction}
     if spec in GENERATED:
         if eval_data is not None:
             raise UserError("--eval-data applies to files only; generated data makes its own eval split")
@@ -240,8 +263,11 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
 
         if eval_data is not None and not Path(eval_data).is_file():
             raise UserError(f"--eval-data file not found: {eval_data}")
-        converted = cached_conversion(spec, eval_data, cache_dir, hash_buckets, min_frequency)
-        raw = [os.path.abspath(spec)] + ([os.path.abspath(eval_data)] if eval_data else [])
+        if val_data is not None and not Path(val_data).is_file():
+            raise UserError(f"--val-data file not found: {val_data}")
+        converted = cached_conversion(spec, eval_data, cache_dir, hash_buckets, min_frequency,
+                                      val_data=val_data, val_fraction=val_fraction)
+        raw = [os.path.abspath(p) for p in (spec, eval_data, val_data) if p]
         return CriteoSource(converted, config, raw_files=raw)
     raise UserError(
         f"unknown data {spec!r}: not random or synthetic, and no such file or directory "

@@ -74,6 +74,8 @@ def plan_inputs(spec, progress: Progress) -> list[InputFile]:
             for path in getattr(spec, split):
                 files.append(InputFile(path, check_input(path), [Segment(0, math.inf, split)]))
         _no_duplicates(files)
+        if getattr(spec, "val_fraction", None):
+            _hold_out_val([f for f in files if f.segments[0].split == "train"], spec.val_fraction, progress)
         return files
     paths = list(spec.inputs)
     sizes = [check_input(p) for p in paths]
@@ -111,6 +113,24 @@ def plan_inputs(spec, progress: Progress) -> list[InputFile]:
         else:
             f.segments = [Segment(0, math.inf, "test")]
     return files
+
+
+def _hold_out_val(train: list[InputFile], fraction: float, progress: "Progress") -> None:
+    """The last ``fraction`` of the training lines (the latest rows, as a held-out day is)
+    become the ``val`` split; the files are counted to know where that starts."""
+    for f in train:
+        counted = _count(f.path, progress)
+        f.lines, f.sha256 = counted.lines, counted.sha256
+    total = sum(f.lines for f in train)
+    val = round(total * fraction)
+    if val < 1 or val >= total:
+        raise UserError(f"--val-fraction {fraction} of {total:,} training line(s) leaves no rows for "
+                        f"{'validation' if val < 1 else 'training'}")
+    for f in reversed(train):
+        take = min(val, f.lines)
+        val -= take
+        f.segments = ([Segment(0, f.lines - take, "train")] if take < f.lines else []) \
+            + ([Segment(f.lines - take, f.lines, "val")] if take else [])
 
 
 def _no_duplicates(files: list[InputFile]) -> None:

@@ -13,7 +13,7 @@ Python API (mirrors ``python -m tfdlrm train``)::
     model = tfdlrm.build_model("dlrm", data.config)
     tfdlrm.compile_model(model, optimizer="adagrad", lr=0.05)
     model.fit(data.train_dataset(batch_size=256, seed=1), epochs=1,
-              validation_data=data.eval_dataset(batch_size=1024))
+              validation_data=data.val_dataset(batch_size=1024))
     print(tfdlrm.evaluate(model, data.eval_dataset(batch_size=1024)))
 """
 from tfdlrm import _env

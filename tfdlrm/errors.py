@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Optional
 
 
-
 class UserError(Exception):
     """A problem with what the user asked for or gave us (flags, files, data).
 

@@ -30,6 +30,8 @@ MIXED_PRECISIONS = ("bf16", "off")
 FORMATS = ("kaggle", "terabyte")  # raw Criteo layouts that convert reads
 BAD_ROW_POLICIES = ("error", "skip")
 GENERATED = ("random", "synthetic")  # --data that needs no files
+SHUFFLES = ("epoch", "once", "none")  # a new order each epoch, one order per seed, or file order
+LAST_BATCH = ("keep", "drop", "fold")  # an epoch's short last batch (pipelines/batching.py)
 
 
 

@@ -43,7 +43,8 @@ def dlrm_parameter_count(config: ModelConfig) -> int:
 
 
 def dcn_parameter_count(config: ModelConfig, cross: str = "v1") -> int:
-    """Embeddings + cross layers + deep MLP + final logit."""
+    """Embeddings + cross layers + deep MLP + final logit + the dense features' standardisation
+    statistics (a mean and a variance per feature, not trained)."""
     width = config.num_dense + config.num_tables * config.embedding_dim
     if cross == "v1":
         cross_params = config.cross_layers * 2 * width
@@ -52,7 +53,7 @@ def dcn_parameter_count(config: ModelConfig, cross: str = "v1") -> int:
     else:
         cross_params = config.cross_layers * (2 * width * config.cross_low_rank + width)
     return (sum(config.table_rows) * config.embedding_dim + cross_params
-            + mlp_parameter_count(width, config.deep_mlp) + (width + config.deep_mlp[-1]) + 1)
+            + mlp_parameter_count(width, config.deep_mlp) + (width + config.deep_mlp[-1]) + 1 + 2 * config.num_dense)
 
 
 def parameter_count(model: str, config: ModelConfig) -> int:

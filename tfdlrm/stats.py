@@ -46,6 +46,7 @@ class Difference:
     high: float
     method: str  # "paired over N seeds (t)" or "DeLong over N held-out rows"
     p_value: Optional[float] = None
+    optimizer: Optional[str] = None  # what both runs trained with, in a comparison
 
     @property
     def within_noise(self) -> bool:

@@ -120,6 +120,20 @@ def first_dense_as_int(rows):
     return np.round(np.expm1(rows.view(np.float32)[:, 1].astype(np.float64))).astype(int).tolist()
 
 
+def test_val_fraction_holds_out_the_last_training_lines_across_files(tmp_path):
+    write_lines(tmp_path / "a.txt", numbered_lines(30))
+    write_lines(tmp_path / "b.txt", numbered_lines(10, start=30))
+    write_lines(tmp_path / "test.txt", numbered_lines(5, start=40))
+    _, out = converted(tmp_path, train=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                       test=[str(tmp_path / "test.txt")], hash_buckets=10, val_fraction=0.3)
+    assert first_dense_as_int(rows_of(out, "train")) == list(range(28))  # 40 lines, the last 12 -> val
+    assert first_dense_as_int(rows_of(out, "val")) == list(range(28, 40))
+    assert first_dense_as_int(rows_of(out, "test")) == list(range(40, 45))
+    with pytest.raises(UserError, match="leaves no rows"):
+        converted(tmp_path, "tiny", train=[str(tmp_path / "test.txt")], test=[str(tmp_path / "b.txt")],
+                  hash_buckets=10, val_fraction=0.01)
+
+
 @pytest.mark.parametrize("halve", [False, True])
 def test_kaggle_file_is_split_into_seven_days(tmp_path, halve):
     write_lines(tmp_path / "train.txt", numbered_lines(23))

@@ -44,11 +44,14 @@ def test_report_files_are_consistent(finished):
         assert entry["seeds"] == [1, 2]
     for run in data["runs"]:
         metrics = json.loads((out / "runs" / f"{run['model']}-adagrad-seed{run['seed']}" / "metrics.json").read_text())
-        assert metrics["evaluation"]["auc"] == run["auc"]
+        assert metrics["evaluation"]["auc"] == run["final_auc"]
+        best = [e for e in metrics["epochs"] if e["epoch"] == run["best_epoch"]]
+        assert len(best) == 1 and best[0]["test"]["auc"] == run["auc"]  # the test AUC at the best epoch on val
+        assert run["best_epoch"] == max(metrics["epochs"], key=lambda e: e["val"]["auc"])["epoch"]
         assert run["params"] > 0 and run["examples_per_second"] > 0 and run["train_seconds"] > 0
     markdown = (out / REPORT_MD).read_text()
     for run in data["runs"]:
-        assert f"| {run['model']} | adagrad | {run['seed']} | {run['auc']:.4f} |" in markdown
+        assert f"| {run['model']} | adagrad | {run['seed']} | {run['best_epoch']} | {run['auc']:.4f} |" in markdown
     assert "Teacher AUC" in markdown and f"{data['teacher_auc']:.4f}" in markdown
     assert "python -m tfdlrm compare ..." in markdown
     assert (out / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -106,9 +106,9 @@ def test_a_run_crashed_mid_epoch_resumes_and_ends_like_an_uninterrupted_one(tmp_
     record = json.loads((out / "checkpoints" / "step-00000007.json").read_text())
     assert (record["kind"], record["step"], record["epoch"], record["batch"]) == ("step", 7, 0, 7)
     assert record["data"] == {"position": 7, "batches_per_pass": 20, "pass": 0, "offset": 7, "seed": 1,
-                              "pass_seed": pass_seed(1, 0)}
+                              "shuffle": "once", "pass_seed": pass_seed(1, 0)}
     assert set(record["metrics"]) == {"loss", "auc", "logloss", "accuracy"}
-    assert record["model"] == "dlrm" and set(record["state"]) == {"clock", "curve"}
+    assert record["model"] == "dlrm" and set(record["state"]) == {"clock", "curve", "epochs"}
     assert sorted(record["files"]) == ["step-00000007.data-00000-of-00001", "step-00000007.index"]
     tf.keras.backend.clear_session()
     lines = resume(out)

@@ -5,14 +5,15 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-
 from tfdlrm.errors import UserError
 from tfdlrm.presets import (
     AUTO,
+    LAST_BATCH,
     MIXED_PRECISIONS,
     OPTIMIZER_NAMES,
     PARALLEL_MODES,
     PRESET_NAMES,
+    SHUFFLES,
     XLA_MODES,
     parse_widths,
 )
@@ -53,6 +54,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text!r}")
     return value
 
 
@@ -137,6 +148,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "TSV file (plain or .gz; converted once into the cache, Kaggle's 7-day split unless "
                         "--eval-data is given)")
     g.add_argument("--eval-data", help="raw Criteo TSV: the held-out file, when raw data comes already split")
+    val = g.add_mutually_exclusive_group()
+    val.add_argument("--val-data", metavar="FILE",
+                     help="raw Criteo TSV with --eval-data: a validation file, which picks the best epoch")
+    val.add_argument("--val-fraction", type=fraction, metavar="F",
+                     help="raw Criteo TSV with --eval-data: hold out the last F of the training rows for validation")
     g.add_argument("--cache-dir", help="raw Criteo TSV: where conversions are cached (default: $TFDLRM_CACHE, "
                                        "else ~/.cache/tfdlrm)")
     mapping = g.add_mutually_exclusive_group()
@@ -161,6 +177,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-optimizer", choices=OPTIMIZER_NAMES,
                    help="optimizer for the embedding tables (default: --optimizer)")
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    g.add_argument("--shuffle", choices=SHUFFLES, default="once",
+                   help="order of the training rows: one per seed, read the same way every epoch (default; the "
+                        "reference DLRM's --data-randomize total), a new one each epoch, or as stored")
+    g.add_argument("--last-batch", choices=LAST_BATCH, default="fold",
+                   help="an epoch's short last batch: fold its rows into the batch before (default), drop it, "
+                        "or keep it (see docs/training.md)")
     g = p.add_argument_group("fault tolerance (see docs/fault-tolerance.md)")
     g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "

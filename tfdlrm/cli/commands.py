@@ -17,6 +17,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
 
     return TrainSpec(
         model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
+        val_data=args.val_data, val_fraction=args.val_fraction, shuffle=args.shuffle, last_batch=args.last_batch,
         overrides=config_overrides(args), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
         lr=lr_for(optimizer, args.lr),
@@ -138,7 +139,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     spec = ConvertSpec(
         out=args.out, inputs=args.input or (), format=args.format, train=args.train or (), val=args.val or (),
         test=args.test or (), hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
-        halve_held_out=args.halve_held_out, shuffle=args.shuffle, seed=args.seed, on_bad_row=args.on_bad_row,
+        halve_held_out=args.halve_held_out, val_fraction=args.val_fraction, shuffle=args.shuffle, seed=args.seed, on_bad_row=args.on_bad_row,
         rows_per_shard=args.rows_per_shard, rows_per_block=args.rows_per_block, overwrite=args.overwrite,
         workers=args.workers, progress=args.progress,
     )

@@ -15,9 +15,6 @@ from tfdlrm.cli.parser import build_parser
 from tfdlrm.errors import UserError
 
 
-
-
-
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its native start-up chatter (oneDNN, CUDA probes) hidden.
 

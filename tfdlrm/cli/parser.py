@@ -9,6 +9,7 @@ from tfdlrm.cli.args import (
     add_training_args,
     bytes_arg,
     devices_arg,
+    fraction,
     int_list,
     learning_rates,
     name_list,
@@ -104,6 +105,8 @@ def add_convert_parser(sub) -> None:
     g.add_argument("--test", nargs="+", metavar="FILE", help="data already split: the held-out file(s)")
     g.add_argument("--halve-held-out", action="store_true",
                    help="split the held-out day into val (first half) and test (second half), as the reference")
+    g.add_argument("--val-fraction", type=fraction, metavar="F",
+                   help="data already split: hold out the last F of the --train lines as val")
     g = p.add_argument_group("mapping (pipelines/features.py)")
     mapping = g.add_mutually_exclusive_group()
     mapping.add_argument("--hash-buckets", type=positive_int,

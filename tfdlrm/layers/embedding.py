@@ -7,8 +7,7 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from tfdlrm.presets import POOLINGS
-from tfdlrm.presets import default_feature_names, table_variable_name
+from tfdlrm.presets import POOLINGS, default_feature_names, table_variable_name
 
 OUT_OF_RANGE = "tfdlrm: categorical id out of range"
 
@@ -21,6 +20,10 @@ def table_initializer(rows: int) -> tf.keras.initializers.Initializer:
 
 class EmbeddingTables(tf.keras.layers.Layer):
     """One embedding table per categorical feature, each with its own row count.
+
+    DLRM's SparseArch: every categorical feature ``f`` has its own table of
+    ``rows[f]`` vectors of width ``dim``; each example's ids for ``f`` are looked up
+    there and, for a bag of ids, pooled into one vector.
 
     Inputs (``int32``/``int64`` ids, ``features == len(rows)``):
       * ``[batch, features]``: one id per feature (the Criteo case);
@@ -47,6 +50,26 @@ class EmbeddingTables(tf.keras.layers.Layer):
     (``tfdlrm.models.fast_step``) computes the first inside its compiled lookup and raises before
     any variable changes; called inside someone else's XLA cluster, this layer skips
     the check (with a warning when traced).
+
+    Args:
+      rows: Sequence of ints, the number of rows of each table, one per categorical
+        feature (``features == len(rows)``).  Must be non-empty and every entry
+        positive.
+      dim: Int, the width of every embedding vector (positive).
+      pooling: String, how a bag of ids is pooled into one vector: ``"sum"``
+        (default, the reference's EmbeddingBag default) or ``"mean"``.
+      feature_names: Optional sequence of strings, one name per table; they name the
+        table variables (``table_<name>``, what placement plans and checkpoints go
+        by) and the feature in out-of-range errors.  Defaults to Criteo's
+        ``C1, C2, ...``.
+      check_ids: Boolean, whether to check that every id is in ``[0, rows_f)``
+        (default ``True``; see above).
+      **kwargs: Passed to ``tf.keras.layers.Layer`` (``name``, ``dtype``, ...).
+
+    Raises:
+      ValueError: if ``rows`` is empty or has a non-positive entry, ``dim`` is not
+        positive, ``pooling`` is unknown, or ``feature_names`` does not have one
+        name per table.
     """
 
     def __init__(
@@ -158,6 +181,21 @@ class EmbeddingTables(tf.keras.layers.Layer):
 
     # -- lookup ----------------------------------------------------------------
     def call(self, ids):
+        """Looks up and pools every feature's ids in its table.
+
+        Args:
+          ids: ``int32``/``int64`` ids, ``[batch, features]`` (one id per feature),
+            ``[batch, features, k]`` (fixed-size bags) or ragged
+            ``[batch, features, None]`` (variable-size bags).
+
+        Returns:
+          ``float32 [batch, features, dim]``: one (pooled) embedding vector per
+          feature; an empty bag gives zeros.
+
+        Raises:
+          InvalidArgumentError: with ``check_ids=True`` (outside an XLA cluster),
+            when an id is outside ``[0, rows_f)``.
+        """
         return tf.stack(self.lookup(ids), axis=1)  # [batch, features, dim]
 
     def lookup(self, ids, devices: Optional[Sequence[Optional[str]]] = None) -> list:

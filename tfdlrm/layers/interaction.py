@@ -23,6 +23,11 @@ def dot_pair_indices(num_vectors: int, self_interaction: bool = False) -> np.nda
 class DotInteraction(tf.keras.layers.Layer):
     """Pairwise dot products of the dense vector and every embedding vector.
 
+    DLRM's dot interaction (the factorization-machine-like second-order term): the
+    dense vector (the bottom MLP's output) and the ``features`` embedding vectors
+    are ``features + 1`` vectors of the same width; the output keeps the dense
+    vector and appends the distinct pairwise dot products among them.
+
     Inputs: ``dense [batch, dim]`` and ``embeddings [batch, features, dim]``.
     Output: ``[batch, dim + pairs]``: the dense vector followed by the
     ``(features + 1) * features / 2`` dot products of distinct vectors (plus the
@@ -33,6 +38,15 @@ class DotInteraction(tf.keras.layers.Layer):
     each row of the triangle, a transposed gather and per-pair products, forward and
     backward, float32 and bfloat16: the gather was as fast or faster.)  Embeddings are
     cast to the layer's compute dtype (bfloat16 under a ``mixed_bfloat16`` policy).
+
+    The pairs are in the order of :func:`dot_pair_indices`: the Gram matrix's lower
+    triangle, row-major, as the reference DLRM and TFRS's ``DotInteraction``.
+
+    Args:
+      self_interaction: Boolean, whether to also take each vector's dot product
+        with itself (the Gram matrix's diagonal, the ``features + 1`` squared
+        norms).  Default ``False``, as the reference DLRM.
+      **kwargs: Passed to ``tf.keras.layers.Layer`` (``name``, ``dtype``, ...).
     """
 
     def __init__(self, self_interaction: bool = False, **kwargs):
@@ -40,6 +54,21 @@ class DotInteraction(tf.keras.layers.Layer):
         self.self_interaction = bool(self_interaction)
 
     def call(self, dense, embeddings):
+        """Concatenates ``dense`` and the pairwise dot products of all the vectors.
+
+        Args:
+          dense: ``[batch, dim]`` tensor, the bottom MLP's output.
+          embeddings: ``[batch, features, dim]`` tensor, one vector per categorical
+            feature; cast to ``dense``'s dtype.
+
+        Returns:
+          ``[batch, dim + pairs]`` tensor, with ``pairs = (features + 1) * features / 2``
+          (``(features + 1) * (features + 2) / 2`` with ``self_interaction=True``).
+
+        Raises:
+          ValueError: if ``dense`` and ``embeddings`` differ in width (the bottom
+            MLP's output width must equal the embedding dim).
+        """
         if dense.shape[-1] != embeddings.shape[-1]:
             raise ValueError(
                 "dot interaction needs the bottom MLP's output width to equal the embedding "
@@ -62,11 +91,30 @@ class DotInteraction(tf.keras.layers.Layer):
 class CatInteraction(tf.keras.layers.Layer):
     """Plain concatenation.
 
+    The interaction-free alternative to :class:`DotInteraction`: the embedding
+    vectors are flattened and appended to the dense vector, so the top MLP sees
+    every input unmixed and ``d`` need not equal ``dim``.
+
     Inputs: ``dense [batch, d]`` and ``embeddings [batch, features, dim]``.
     Output: ``[batch, d + features * dim]``.
+
+    Args:
+      **kwargs: Passed to ``tf.keras.layers.Layer`` (``name``, ``dtype``, ...).  The
+        layer has no arguments of its own, so the base ``get_config`` holds them all
+        and ``CatInteraction.from_config(layer.get_config())`` rebuilds it.
     """
 
     def call(self, dense, embeddings):
+        """Concatenates ``dense`` and the flattened embeddings.
+
+        Args:
+          dense: ``[batch, d]`` tensor.
+          embeddings: ``[batch, features, dim]`` tensor (``features`` and ``dim``
+            known statically); cast to ``dense``'s dtype.
+
+        Returns:
+          ``[batch, d + features * dim]`` tensor.
+        """
         flat = tf.cast(tf.reshape(embeddings, [-1, embeddings.shape[1] * embeddings.shape[2]]), dense.dtype)
         return tf.concat([dense, flat], axis=1)
 

@@ -10,6 +10,9 @@ import tensorflow as tf
 class MLP(tf.keras.layers.Layer):
     """A stack of Dense layers, one per entry of ``widths``.
 
+    DLRM's DenseArch (the bottom MLP over the dense features) and OverArch (the top
+    MLP over the interaction's output).
+
     Input ``[batch, fan_in]`` -> output ``[batch, widths[-1]]``.  Every layer but the
     last uses ``activation`` (ReLU); the last uses ``final_activation`` (ReLU by
     default, as the reference's bottom MLP; ``None`` for a logit).
@@ -21,6 +24,21 @@ class MLP(tf.keras.layers.Layer):
     (weights stay float32); ``float32_last=True`` keeps the last layer (a logit, say)
     in float32.  Variable names do not depend on the precision, so checkpoints load
     either way.
+
+    Args:
+      widths: Sequence of positive ints, the output width of each Dense layer, in
+        order (non-empty); the layer's output width is ``widths[-1]``.
+      activation: Optional string, the activation of every layer but the last
+        (default ``"relu"``).
+      final_activation: Optional string, the activation of the last layer (default
+        ``"relu"``, as the reference's bottom MLP; ``None`` for a logit).
+      float32_last: Boolean, whether the last layer computes in float32 whatever
+        the layer's dtype policy (default ``False``).
+      **kwargs: Passed to ``tf.keras.layers.Layer`` (``name``, ``dtype``, ...).
+
+    Raises:
+      ValueError: if ``widths`` is empty or has a non-positive entry; when built,
+        if the input width is unknown.
     """
 
     def __init__(
@@ -64,6 +82,15 @@ class MLP(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x):
+        """Runs the Dense layers in order.
+
+        Args:
+          x: ``[batch, fan_in]`` tensor (``fan_in`` known when the layer is built).
+
+        Returns:
+          ``[batch, widths[-1]]`` tensor, in the layer's compute dtype (float32 with
+          ``float32_last=True``).
+        """
         for layer in self.dense_layers:
             x = layer(x)
         return x

@@ -14,7 +14,7 @@ from tfdlrm.training.checkpoints import (
     non_finite_variable,
     restore_metric_state,
 )
-from tfdlrm.training.stream import pass_seed
+from tfdlrm.training.stream import pass_order
 
 
 class TrainingClock(tf.keras.callbacks.Callback):
@@ -85,9 +85,9 @@ class LearningCurve(tf.keras.callbacks.Callback):
 
     Training accuracy and log loss are the means over the batches since the previous
     point, derived from Keras's running epoch means (no extra computation).  Held-out
-    metrics are exact, over all of ``eval_dataset``.  ``points`` is a list of dicts:
-    ``step, examples, train_accuracy, train_logloss, eval_auc, eval_logloss,
-    eval_accuracy``.
+    metrics are exact, over all of ``eval_dataset`` (the validation split where there is
+    one).  ``points`` is a list of dicts: ``step, examples, train_accuracy, train_logloss,
+    train_auc, eval_auc, eval_logloss, eval_accuracy``.
     """
 
     def __init__(self, eval_dataset: tf.data.Dataset, every: int, batch_size: int):
@@ -150,10 +150,70 @@ class LearningCurve(tf.keras.callbacks.Callback):
             "examples": self._step * self.batch_size,
             "train_accuracy": train_acc,
             "train_logloss": train_loss,
+            "train_auc": float(logs.get("auc", np.nan)),  # Keras's running (bucketed) AUC of the epoch so far
             "eval_auc": held_out.auc,
             "eval_logloss": held_out.logloss,
             "eval_accuracy": held_out.accuracy,
         })
+
+
+class EpochEvaluation(tf.keras.callbacks.Callback):
+    """Exact metrics at every epoch end on the validation split (which selects the best
+    epoch) and on the test split (which is only reported), in place of Keras's bucketed
+    ``validation_data`` pass.
+
+    The validation metrics go into the epoch's logs as ``val_auc``, ``val_logloss``,
+    ``val_accuracy`` and the test ones as ``test_*`` (so History and TensorBoard record
+    them); ``epochs`` is the list of ``{"epoch", "step", "val", "test"}``, ``best_epoch``
+    the epoch of the highest validation AUC (the last epoch where there is no validation
+    split), and ``best_predictions`` the test labels and probabilities at that epoch, for
+    paired comparisons (tfdlrm/stats.py).
+    """
+
+    KEEP_PREDICTIONS = 5_000_000  # held-out rows up to which the best epoch's predictions are kept
+
+    def __init__(self, test_dataset: tf.data.Dataset, val_dataset: Optional[tf.data.Dataset] = None,
+                 on_best: Optional[Callable] = None):
+        super().__init__()
+        self.test_dataset, self.val_dataset, self.on_best = test_dataset, val_dataset, on_best
+        self.epochs: list[dict] = []
+        self.best_epoch: Optional[int] = None
+        self.best_predictions = None
+
+    def state(self) -> dict:
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch}
+
+    def restore(self, state: dict, mid_epoch: bool = False) -> None:
+        self.epochs = [dict(e) for e in state.get("epochs", [])]
+        self.best_epoch = state.get("best_epoch")
+
+    def on_epoch_end(self, epoch, logs=None):
+        from tfdlrm.metrics import evaluate_predictions
+        from tfdlrm.training.evaluate import evaluate, predict_with_labels
+
+        logs = logs if logs is not None else {}
+        entry = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
+        if self.val_dataset is not None:
+            val = evaluate(self.model, self.val_dataset)
+            entry["val"] = val.to_dict()
+            logs.update(val_auc=val.auc, val_logloss=val.logloss, val_accuracy=val.accuracy)
+        labels, probabilities = predict_with_labels(self.model, self.test_dataset)
+        test = evaluate_predictions(labels, probabilities)
+        entry["test"] = test.to_dict()
+        logs.update(test_auc=test.auc, test_logloss=test.logloss, test_accuracy=test.accuracy)
+        self.epochs = [e for e in self.epochs if e["epoch"] < entry["epoch"]] + [entry]
+        best = self._best()
+        self.best_epoch = best
+        if best == entry["epoch"] and labels.size <= self.KEEP_PREDICTIONS:
+            self.best_predictions = (labels, probabilities)
+            if self.on_best is not None:
+                self.on_best(labels, probabilities)
+
+    def _best(self) -> int:
+        with_val = [e for e in self.epochs if "val" in e and np.isfinite(e["val"]["auc"])]
+        if not with_val:
+            return self.epochs[-1]["epoch"]
+        return max(with_val, key=lambda e: (e["val"]["auc"], -e["epoch"]))["epoch"]
 
 
 class RunCheckpoints(tf.keras.callbacks.Callback):
@@ -169,11 +229,13 @@ class RunCheckpoints(tf.keras.callbacks.Callback):
 
     def __init__(self, store: CheckpointStore, every: Optional[int], steps_per_epoch: int, batches_per_pass: int,
                  seed: int, start_epoch: int = 0, start_batch: int = 0, history: Optional[dict] = None,
+                 shuffle: str = "epoch",
                  metrics: Optional[dict] = None, extra: Optional[dict] = None, state_of: Optional[dict] = None,
                  clock=None, identity: Optional[dict] = None):
         super().__init__()
         self.store, self.every = store, every
         self.steps_per_epoch, self.batches_per_pass, self.seed = steps_per_epoch, batches_per_pass, seed
+        self.shuffle = shuffle
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.history = {k: list(v) for k, v in (history or {}).items()}
         self._resume_metrics = metrics
@@ -223,7 +285,8 @@ class RunCheckpoints(tf.keras.callbacks.Callback):
             "kind": kind, "step": step, "epoch": epoch, "batch": batch,
             "data": {"position": position, "batches_per_pass": self.batches_per_pass,
                      "pass": position // self.batches_per_pass, "offset": position % self.batches_per_pass,
-                     "seed": self.seed, "pass_seed": pass_seed(self.seed, position // self.batches_per_pass)},
+                     "seed": self.seed, "shuffle": self.shuffle,
+                     "pass_seed": pass_order(self.seed, position // self.batches_per_pass, self.shuffle)},
             "metrics": metric_state(self.model) if kind == "step" else None,
             "history": self.history,
             "extra": self.extra,

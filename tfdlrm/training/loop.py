@@ -10,26 +10,31 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from pipelines.batching import rows_per_epoch
 from tfdlrm.errors import UserError
+from tfdlrm.metrics import Evaluation
 from tfdlrm.parallel.devices import parse_budget
 from tfdlrm.parallel.setup import configure_devices, make_parallel
 from tfdlrm.training.callbacks import (
+    EpochEvaluation,
     LearningCurve,
     RunCheckpoints,
     StopOnNonFinite,
     TrainingClock,
 )
 from tfdlrm.training.checkpoints import build_metrics, first_line
-from tfdlrm.training.compile import build_model, compile_model
+from tfdlrm.training.compile import build_model, compile_model, standardize_dense
 from tfdlrm.training.evaluate import evaluate
 from tfdlrm.training.rundir import (
     CHECKPOINT_DIR,
     LOGS_DIR,
     METRICS_FILE,
+    PREDICTIONS_FILE,
     RUN_FILE,
     RunStatus,
     open_run,
     prepare_out_dir,
+    save_predictions,
     write_json,
 )
 from tfdlrm.training.spec import (
@@ -59,10 +64,11 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     tf.keras.utils.set_random_seed(spec.seed)
     source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
                        eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data,
-                       cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency)
+                       cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency,
+                       val_data=spec.val_data, val_fraction=spec.val_fraction)
     config = source.config
     out = prepare_out_dir(spec.out) if spec.out else None
-    per_pass = source.train_batches(spec.batch_size)
+    per_pass = source.train_batches(spec.batch_size, spec.last_batch)
     steps_per_epoch = spec.steps_per_epoch or per_pass
     total_steps = spec.epochs * steps_per_epoch
     from tfdlrm.models.fast_step import resolve_mixed_precision, resolve_xla
@@ -102,6 +108,8 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
                     + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
     record = resume(model, status, log) if status is not None else None
+    if record is None and standardize_dense(model, source.train_dataset(spec.eval_batch_size)) is not None:
+        log(f"{spec.model}: dense features standardised by the training split's mean and variance")
     start_epoch, start_batch = (record["epoch"], record["batch"]) if record else (0, 0)
     start = start_epoch * steps_per_epoch + start_batch
     saved_state = record.get("state", {}) if record else {}
@@ -117,8 +125,10 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         train_data = tf.keras.utils.experimental.DatasetCreator(
             lambda context: source.train_dataset(spec.batch_size, seed=spec.seed, input_context=context).repeat())
     elif start < total_steps:
-        train_data = training_stream(source, spec.batch_size, spec.seed, start, total_steps)
+        train_data = training_stream(source, spec.batch_size, spec.seed, start, total_steps, spec.shuffle,
+                                     spec.last_batch)
     eval_data = source.eval_dataset(spec.eval_batch_size)
+    val_data = source.val_dataset(spec.eval_batch_size)  # None: no validation split
 
     clock = TrainingClock(saved_state.get("clock", {}).get("seconds", 0.0))
     callbacks: list = [clock]
@@ -130,17 +140,24 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
                         "allow with --parallel ps; use --curve-points 0")
     if spec.curve_points:
-        curve = LearningCurve(eval_data, max(1, total_steps // spec.curve_points), spec.batch_size)
+        curve = LearningCurve(val_data if val_data is not None else eval_data,
+                              max(1, total_steps // spec.curve_points), spec.batch_size)
         if "curve" in saved_state:
             curve.restore(saved_state["curve"], mid_epoch=start_batch > 0)
         callbacks.append(curve)
+    epoch_eval = EpochEvaluation(eval_data, val_data,
+                                 on_best=(lambda y, p: save_predictions(out / PREDICTIONS_FILE, y, p)) if out else None)
+    if "epochs" in saved_state:
+        epoch_eval.restore(saved_state["epochs"])
+    callbacks.append(epoch_eval)
     saver = None
     if out is not None:
-        state_of = {"clock": clock}
+        state_of = {"clock": clock, "epochs": epoch_eval}
         if curve is not None:
             state_of["curve"] = curve
         saver = RunCheckpoints(
             store, spec.checkpoint_every, steps_per_epoch, per_pass, spec.seed, start_epoch, start_batch,
+            shuffle=spec.shuffle,
             history=record.get("history") if record else None,
             metrics=record.get("metrics") if record and start_batch else None,
             extra={"resumed_from": resumed_from}, state_of=state_of, clock=clock,
@@ -157,20 +174,25 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
             StartAt(start_epoch, start_batch).attach(model)
         try:
             fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
-                               initial_epoch=start_epoch, callbacks=callbacks,
-                               validation_data=None if setup.mode == "ps" else eval_data, verbose=spec.verbose)
+                               initial_epoch=start_epoch, callbacks=callbacks, verbose=spec.verbose)
         finally:
             StartAt.detach(model)
         history = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
     if saver is not None:
         history = saver.history  # the whole run's, epochs of earlier processes included
 
-    evaluation = evaluate(model, eval_data)
-    teacher = source.teacher_auc()
     steps = int(model.optimizer.iterations.numpy())
+    last = epoch_eval.epochs[-1] if epoch_eval.epochs else None
+    if last is not None and last["step"] == steps:  # the last epoch's test evaluation is of these weights
+        evaluation = Evaluation(**last["test"])
+    else:
+        evaluation = evaluate(model, eval_data)
+    teacher = source.teacher_auc()
     trained_examples = steps * spec.batch_size
-    if spec.steps_per_epoch is None:  # the last batch of an epoch may be short
-        trained_examples = min(trained_examples, spec.epochs * source.train_examples)
+    if spec.steps_per_epoch is None:  # an epoch's last batch may be short (keep) or longer (fold)
+        passes, rest = divmod(steps, per_pass)
+        trained_examples = min(passes * rows_per_epoch(source.train_examples, spec.batch_size, spec.last_batch)
+                               + rest * spec.batch_size, spec.epochs * source.train_examples)
     result = RunResult(
         model=spec.model,
         evaluation=evaluation,
@@ -183,11 +205,16 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
         examples=trained_examples,
         curve=curve.points if curve else [],
         resumed_from=resumed_from,
+        epochs=epoch_eval.epochs,
+        best_epoch=epoch_eval.best_epoch,
     )
     line = f"{spec.model} held-out: {evaluation}"
     if teacher is not None:
         line += f"  [teacher AUC {teacher:.4f}]"
     log(line)
+    if val_data is not None and result.selected is not None:
+        log(f"{spec.model} best epoch on validation: {result.best_epoch}, test AUC there "
+            f"{result.selected['auc']:.4f}")
     if out is not None:
         write_json(out / METRICS_FILE, result.to_dict())
     return result

@@ -3,7 +3,8 @@
     run.json       model name, model config, data description, training spec
     checkpoints/   checkpoints with a record of where training stood (checkpoints.py)
     logs/          TensorBoard event files
-    metrics.json   the final exact evaluation, throughput and parameter count (written last)
+    metrics.json   the final exact evaluation, per-epoch metrics, throughput, parameter count (last)
+    predictions.npz  held-out labels and probabilities at the best epoch (paired comparisons)
 
 ``open_run`` decides between resuming, refusing other settings and starting afresh;
 ``load_run`` rebuilds the model from ``run.json`` alone.  See docs/fault-tolerance.md.
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
@@ -28,6 +30,28 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def save_predictions(path: Path, labels, probabilities) -> None:
+    """Held-out ``labels`` and ``probabilities`` (float32) to ``path``, atomically."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        np.savez(tmp, labels=np.asarray(labels, np.float32), probabilities=np.asarray(probabilities, np.float32))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def load_predictions(run_dir: str | os.PathLike):
+    """``(labels, probabilities)`` saved by a run, or None."""
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["labels"], data["probabilities"]
 
 
 def prepare_out_dir(path: str) -> Path:

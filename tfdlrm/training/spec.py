@@ -7,7 +7,7 @@ from typing import Optional
 
 from tfdlrm.errors import UserError
 from tfdlrm.metrics import Evaluation
-from tfdlrm.presets import MODEL_NAMES, ModelConfig, get_preset
+from tfdlrm.presets import LAST_BATCH, MODEL_NAMES, SHUFFLES, ModelConfig, get_preset
 from tfdlrm.training.compile import make_optimizer
 
 
@@ -19,6 +19,9 @@ class TrainSpec:
     preset: str = "tiny"
     data: str = "synthetic"
     eval_data: Optional[str] = None
+    # model selection: raw data's validation rows (a file, or the last fraction of the training file)
+    val_data: Optional[str] = None
+    val_fraction: Optional[float] = None
     rows: Optional[int] = None
     overrides: dict = field(default_factory=dict)
     epochs: int = 1
@@ -30,6 +33,10 @@ class TrainSpec:
     embedding_optimizer: Optional[str] = None
     embedding_lr: Optional[float] = None
     seed: int = 1
+    # the order of the training rows: a new one each epoch, one per seed, or as stored; and
+    # what becomes of an epoch's short last batch (pipelines/batching.py)
+    shuffle: str = "once"
+    last_batch: str = "fold"
     data_seed: int = 0
     train_examples: int = 500_000
     eval_examples: int = 100_000
@@ -63,6 +70,12 @@ class TrainSpec:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
             raise UserError(f"steps-per-epoch must be positive, got {self.steps_per_epoch}")
+        if self.shuffle not in SHUFFLES:
+            raise UserError(f"--shuffle must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
+        if self.last_batch not in LAST_BATCH:
+            raise UserError(f"--last-batch must be one of {', '.join(LAST_BATCH)}, got {self.last_batch!r}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.curve_points < 0:
             raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
         if self.rows is not None and self.rows <= 0:
@@ -105,6 +118,19 @@ class RunResult:
     curve: list = field(default_factory=list)
     diverged: Optional[str] = None
     resumed_from: list = field(default_factory=list)  # checkpoints this run continued from, oldest first
+    # Exact metrics at each epoch end: {"epoch", "step", "val": {...} (where there is a
+    # validation split), "test": {...}}; ``best_epoch`` (1-based) is the one with the highest
+    # validation AUC, the last epoch without a validation split.  The test split never selects.
+    epochs: list = field(default_factory=list)
+    best_epoch: Optional[int] = None
+
+    @property
+    def selected(self) -> Optional[dict]:
+        """The test metrics at ``best_epoch`` (None before any epoch ended)."""
+        for entry in self.epochs:
+            if entry["epoch"] == self.best_epoch:
+                return entry["test"]
+        return None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfdlrm.errors import UserError
+from tfdlrm.presets import SHUFFLES
+
 _SEED_MULTIPLIER = 1_000_003
 _SEED_MODULUS = 2**31 - 1
 
@@ -12,13 +15,25 @@ def pass_seed(seed, p):
     return (seed * _SEED_MULTIPLIER + p) % _SEED_MODULUS
 
 
-def training_stream(source, batch_size: int, seed: int, start: int, total: int) -> tf.data.Dataset:
+def pass_order(seed, p, shuffle: str = "epoch"):
+    """The order seed of pass ``p`` for ``--shuffle``: ``epoch`` a new order every pass,
+    ``once`` one order per seed read the same way every pass (the reference DLRM's
+    ``--data-randomize total``), ``none`` the stored order (None)."""
+    if shuffle not in SHUFFLES:
+        raise UserError(f"--shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+    if shuffle == "none":
+        return None
+    return pass_seed(seed, 0 if shuffle == "once" else p)
+
+
+def training_stream(source, batch_size: int, seed: int, start: int, total: int, shuffle: str = "epoch",
+                    last_batch: str = "keep") -> tf.data.Dataset:
     """Batches ``start`` .. ``total - 1`` of the run's stream of training batches.
 
     Every pass is built the same way (inside ``flat_map``), whether the run starts at
     batch 0 or resumes mid-pass, so the batches do not depend on where it started.
     """
-    per_pass = source.train_batches(batch_size)
+    per_pass = source.train_batches(batch_size, last_batch)
     if total <= start:
         raise ValueError(f"nothing to train: start {start} >= total {total}")
     first, offset = divmod(start, per_pass)
@@ -26,7 +41,7 @@ def training_stream(source, batch_size: int, seed: int, start: int, total: int) 
     base = tf.constant(seed, tf.int64)
 
     def one_pass(p):
-        data = source.train_dataset(batch_size, seed=pass_seed(base, p))
+        data = source.train_dataset(batch_size, seed=pass_order(base, p, shuffle), last_batch=last_batch)
         return data.skip(tf.where(tf.equal(p, first), tf.constant(offset, tf.int64), tf.constant(0, tf.int64)))
 
     return tf.data.Dataset.range(first, last + 1).flat_map(one_pass).take(total - start).prefetch(tf.data.AUTOTUNE)
