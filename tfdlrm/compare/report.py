@@ -149,7 +149,7 @@ def format_table(report: Comparison) -> str:
     if report.teacher_auc is not None:
         lines.append(f"teacher AUC (the ceiling on this synthetic data): {report.teacher_auc:.4f}")
     for d in report.differences():
-        lines.append(f"AUC {d.a} - {d.b}: {_signed(d.difference)} (95% CI {_signed(d.low)} .. {_signed(d.high)}, "
+        lines.append(f"AUC {d.a} - {d.b} ({d.optimizer}): {_signed(d.difference)} (95% CI {_signed(d.low)} .. {_signed(d.high)}, "
                      f"{d.method}): {d.verdict()}")
     return "\n".join(lines)
 
