@@ -55,7 +55,6 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     """
     from pipelines.sources import open_data
 
-
     spec.check()
     if spec.devices is not None and spec.parallel != "ps":
         configure_devices(spec.devices)  # before TensorFlow's runtime starts
