@@ -6,9 +6,12 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: demo test install clean
 
-$(VENV)/.installed: requirements.txt
+# The pinned requirements, then tfdlrm itself in editable mode (pyproject.toml): the
+# `tfdlrm` command in .venv/bin, and `import tfdlrm` from any directory.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -e .
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt

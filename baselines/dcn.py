@@ -21,6 +21,7 @@ from tfdlrm.presets import CROSS_KINDS, ModelConfig
 from tfdlrm.sizes import dcn_parameter_count
 
 
+@tf.keras.utils.register_keras_serializable(package="tfdlrm")
 class DCN(RecommenderModel):
     """Deep & Cross Network on DLRM's inputs; see the module docstring for shapes."""
 

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipelines.convert import ConvertSpec, convert
-from pipelines.manifest import MANIFEST, SCHEMA_VERSION
-from pipelines.tsv import check_input
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.convert import ConvertSpec, convert
+from tfdlrm.pipelines.manifest import MANIFEST, SCHEMA_VERSION
+from tfdlrm.pipelines.tsv import check_input
 
 CACHE_ENV = "TFDLRM_CACHE"
 

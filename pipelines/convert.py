@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pipelines.features import (
+from tfdlrm.errors import UserError, io_error_text
+from tfdlrm.pipelines.features import (
     CATEGORICAL_NAMES,
     DENSE_NAMES,
     LABEL_NAME,
@@ -28,7 +29,7 @@ from pipelines.features import (
     NUM_DENSE,
     dense_transform_np,
 )
-from pipelines.manifest import (
+from tfdlrm.pipelines.manifest import (
     DEFAULT_BLOCK_ROWS,
     DEFAULT_SHARD_ROWS,
     FORMAT_NAME,
@@ -41,9 +42,9 @@ from pipelines.manifest import (
     manifest_json,
     pack_rows,
 )
-from pipelines.progress import Progress
-from pipelines.shuffle import SHUFFLE_BUCKET_ROWS, Spool
-from pipelines.splits import (
+from tfdlrm.pipelines.progress import Progress
+from tfdlrm.pipelines.shuffle import SHUFFLE_BUCKET_ROWS, Spool
+from tfdlrm.pipelines.splits import (
     KAGGLE_DAYS,
     TERABYTE_DAYS,
     InputFile,
@@ -52,14 +53,19 @@ from pipelines.splits import (
     _locate,
     plan_inputs,
 )
-from pipelines.tsv import BAD_KINDS, ChunkReader, explain_line, is_gzip, parse_chunk
-from pipelines.vocabulary import (
+from tfdlrm.pipelines.tsv import (
+    BAD_KINDS,
+    ChunkReader,
+    explain_line,
+    is_gzip,
+    parse_chunk,
+)
+from tfdlrm.pipelines.vocabulary import (
     CategoricalMapping,
     ValueCounter,
     check_hash_buckets,
     check_min_frequency,
 )
-from tfdlrm.errors import UserError, io_error_text
 from tfdlrm.presets import BAD_ROW_POLICIES, FORMATS
 
 BAD_ROW_EXAMPLES = 20  # kept in the manifest

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pipelines.features import (
+from tfdlrm.errors import UserError
+from tfdlrm.pipelines.features import (
     CATEGORICAL_NAMES,
     DENSE_NAMES,
     LABEL_NAME,
@@ -17,8 +18,7 @@ from pipelines.features import (
     dense_transform,
     parse_hex,
 )
-from pipelines.vocabulary import CategoricalMapping
-from tfdlrm.errors import UserError
+from tfdlrm.pipelines.vocabulary import CategoricalMapping
 
 
 class CategoricalLookup(tf.Module):
@@ -91,7 +91,7 @@ class RawFeatures(tf.Module):
 
     @classmethod
     def from_dataset(cls, dataset_dir: str, on_invalid: str = "error") -> "RawFeatures":
-        from pipelines.manifest import load_manifest
+        from tfdlrm.pipelines.manifest import load_manifest
 
         manifest = load_manifest(dataset_dir)
         return cls(CategoricalMapping.load(dataset_dir, manifest["mapping"]), dataset_dir, on_invalid)

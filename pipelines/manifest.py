@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.features import NUM_CATEGORICAL, NUM_DENSE, NUM_FIELDS
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.features import NUM_CATEGORICAL, NUM_DENSE, NUM_FIELDS
 
 FORMAT_NAME = "tfdlrm.criteo"
 SCHEMA_VERSION = 1

@@ -12,10 +12,10 @@ from typing import Optional
 
 import tensorflow as tf
 
-from pipelines.batching import batches_per_epoch, rebatch
-from pipelines.features import NUM_DENSE
-from pipelines.manifest import ROW_WORDS, read_manifest
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.batching import batches_per_epoch, rebatch
+from tfdlrm.pipelines.features import NUM_DENSE
+from tfdlrm.pipelines.manifest import ROW_WORDS, read_manifest
 
 SHUFFLE_BLOCKS = 32
 WINDOW_BLOCKS = 8

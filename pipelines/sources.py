@@ -6,7 +6,7 @@ come from, never in what a batch looks like (see :mod:`pipelines`).
 
 ``spec`` is ``random``, ``synthetic``, a converted Criteo dataset directory
 (``python -m tfdlrm convert``), or a raw Criteo TSV file (plain or gzip): a raw
-file is converted once into a cache directory (``pipelines.cache.cached_conversion``)
+file is converted once into a cache directory (``tfdlrm.pipelines.cache.cached_conversion``)
 and read from there afterwards.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Optional
 
 import tensorflow as tf
 
-from pipelines.batching import batches_per_epoch, rebatch
-from pipelines.generators import RandomData, SyntheticData
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.batching import batches_per_epoch, rebatch
+from tfdlrm.pipelines.generators import RandomData, SyntheticData
 from tfdlrm.presets import CRITEO_DENSE, GENERATED, ModelConfig
 
 # Synthetic rows are generated in blocks of this many, so that the data set is the
@@ -171,7 +171,7 @@ class CriteoSource(DataSource):
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, eval_split: str = "test",
                  raw_files: Optional[list] = None):
-        from pipelines.reader import CriteoDataset
+        from tfdlrm.pipelines.reader import CriteoDataset
 
         self.dataset = CriteoDataset(path)
         self.name = f"criteo {self.dataset.path}"
@@ -259,7 +259,7 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
         _refuse(raw_options, f"a converted dataset ({spec})")
         return CriteoSource(path, config)
     if path.is_file():
-        from pipelines.cache import cached_conversion
+        from tfdlrm.pipelines.cache import cached_conversion
 
         if eval_data is not None and not Path(eval_data).is_file():
             raise UserError(f"--eval-data file not found: {eval_data}")

@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from pipelines.manifest import SPLITS
-from pipelines.progress import Progress
-from pipelines.tsv import check_input, count_lines, is_gzip
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.manifest import SPLITS
+from tfdlrm.pipelines.progress import Progress
+from tfdlrm.pipelines.tsv import check_input, count_lines, is_gzip
 
 KAGGLE_DAYS = 7
 TERABYTE_DAYS = 24

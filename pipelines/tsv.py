@@ -31,8 +31,13 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from pipelines.features import FIELD_NAMES, NUM_CATEGORICAL, NUM_DENSE, NUM_FIELDS
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.features import (
+    FIELD_NAMES,
+    NUM_CATEGORICAL,
+    NUM_DENSE,
+    NUM_FIELDS,
+)
 
 CHUNK_BYTES = 8 << 20
 MAX_LINE_BYTES = 1 << 20

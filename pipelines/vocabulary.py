@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipelines.features import (
+from tfdlrm.errors import UserError
+from tfdlrm.pipelines.features import (
     CATEGORICAL_NAMES,
     DENSE_FORMULA,
     MAX_TABLE_ROWS,
@@ -19,7 +20,6 @@ from pipelines.features import (
     NUM_CATEGORICAL,
     RARE_ID,
 )
-from tfdlrm.errors import UserError
 
 HASH_KINDS = ("hash", "vocabulary")
 VOCABULARY_DIR = "vocabulary"

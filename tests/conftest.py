@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 import tfdlrm  # noqa: F401  (must precede tensorflow)  # isort: skip
 import tensorflow as tf  # noqa: E402  # isort: skip
 

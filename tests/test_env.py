@@ -23,7 +23,17 @@ def test_tensorflow_imported_with_keras3_first_is_refused_clearly():
     proc = python("import tensorflow as tf; tf.keras.layers; import tfdlrm")
     assert proc.returncode != 0
     assert "ImportError: tfdlrm needs Keras 2 (tf_keras)" in proc.stderr
-    assert "TF_USE_LEGACY_KERAS=1" in proc.stderr
+    assert "os.environ['TF_USE_LEGACY_KERAS'] = '1'" in proc.stderr
+
+
+def test_tensorflow_imported_first_without_touching_tf_keras_is_fine():
+    # A notebook's first cell is often `import tensorflow as tf`: tf.keras is resolved only
+    # when first used, so importing tfdlrm next still gets Keras 2.
+    proc = python("import tensorflow as tf, tf_keras; import tfdlrm; from tfdlrm.models import DLRM; "
+                  "m = DLRM(tfdlrm.get_preset('tiny')).build_from_config(); "
+                  "print(isinstance(m, tf_keras.Model), tf.keras.layers.Dense is tf_keras.layers.Dense)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
 
 
 def test_tensorflow_imported_first_with_the_variable_set_is_fine():

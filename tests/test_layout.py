@@ -19,8 +19,8 @@ LAYERS = [
     ("config", ("tfdlrm", "tfdlrm._env", "tfdlrm.errors", "tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.metrics",
                 "tfdlrm.stats")),
     ("layers", ("tfdlrm.layers",)),
-    ("models", ("tfdlrm.models", "baselines")),
-    ("data", ("pipelines",)),
+    ("models", ("tfdlrm.models", "tfdlrm.baselines")),
+    ("data", ("tfdlrm.pipelines",)),
     ("parallel", ("tfdlrm.parallel",)),
     ("training", ("tfdlrm.training",)),
     ("serving", ("tfdlrm.serving",)),
@@ -33,6 +33,8 @@ MAX_LINES = 450
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] != "tfdlrm":  # pipelines/ and baselines/ are tfdlrm.pipelines, tfdlrm.baselines
+        parts.insert(0, "tfdlrm")
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -131,8 +133,8 @@ def test_no_module_imports_a_higher_layer():
 def test_the_checks_find_a_loop_and_an_upward_edge():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layer_of("tfdlrm.cli.main") > layer_of("tfdlrm.training.loop") > layer_of("pipelines.reader")
-    assert layer_of("tfdlrm.layers.mlp") < layer_of("baselines.dcn")
+    assert layer_of("tfdlrm.cli.main") > layer_of("tfdlrm.training.loop") > layer_of("tfdlrm.pipelines.reader")
+    assert layer_of("tfdlrm.layers.mlp") < layer_of("tfdlrm.baselines.dcn")
 
 
 @pytest.mark.parametrize("module", ["tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.parallel.devices",

@@ -19,6 +19,7 @@ Python API (mirrors ``python -m tfdlrm train``)::
 from tfdlrm import _env
 
 _env.configure()
+_env.map_sibling_packages(__name__, __path__)
 
 from tfdlrm.errors import UserError  # noqa: E402
 from tfdlrm.presets import PRESET_NAMES, ModelConfig, get_preset  # noqa: E402
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DLRM": "tfdlrm.models.dlrm",
-    "DCN": "baselines.dcn",
+    "DCN": "tfdlrm.baselines.dcn",
     "EmbeddingTables": "tfdlrm.layers",
     "MLP": "tfdlrm.layers",
     "DotInteraction": "tfdlrm.layers",
@@ -39,7 +40,7 @@ _LAZY = {
     "train": "tfdlrm.training",
     "TrainSpec": "tfdlrm.training",
     "load_run": "tfdlrm.training",
-    "open_data": "pipelines.sources",
+    "open_data": "tfdlrm.pipelines.sources",
 }
 
 __all__ = ["UserError", "ModelConfig", "get_preset", "PRESET_NAMES", *_LAZY]

@@ -1,6 +1,4 @@
 """``python -m tfdlrm``: see :mod:`tfdlrm.cli`."""
-import sys
+from tfdlrm.cli.main import console
 
-from tfdlrm.cli.main import main
-
-sys.exit(main(restart=True))
+console()

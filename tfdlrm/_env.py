@@ -14,19 +14,26 @@ import sys
 
 KERAS_MISMATCH = (
     "tfdlrm needs Keras 2 (tf_keras), but TensorFlow was already imported with "
-    "Keras 3 as tf.keras. Import tfdlrm before tensorflow, or set "
-    "TF_USE_LEGACY_KERAS=1 in the environment before Python starts."
+    "Keras 3 as tf.keras (something used tf.keras before tfdlrm was imported). Import "
+    "tfdlrm before using tf.keras, or start with: import os; "
+    "os.environ['TF_USE_LEGACY_KERAS'] = '1'"
 )
 
 
 def _tensorflow_uses_keras3(tf_module) -> bool:
-    """True when an already-imported TensorFlow routes tf.keras to Keras 3."""
-    if not getattr(tf_module, "_tf_uses_legacy_keras", True):
-        return True
-    loader = tf_module.__dict__.get("keras")
-    if loader is not None and getattr(loader, "_tfll_initialized", False):
-        return getattr(loader, "_tfll_keras_version", None) == "keras_3"
-    return False
+    """True when an already-imported TensorFlow has resolved tf.keras to Keras 3.
+
+    TensorFlow resolves ``tf.keras`` lazily, on first use, from ``TF_USE_LEGACY_KERAS``
+    as it is then: ``import tensorflow`` before ``import tfdlrm`` is fine as long as
+    nothing touched ``tf.keras`` in between.
+    """
+    keras = tf_module.__dict__.get("keras")
+    if keras is None or getattr(keras, "_tfll_initialized", None) is False:
+        return False
+    version = keras.__dict__.get("_tfll_keras_version")
+    if version is not None:
+        return version != "tf_keras"
+    return not getattr(keras, "__name__", "tf_keras").startswith("tf_keras")
 
 
 def configure() -> None:
@@ -37,6 +44,41 @@ def configure() -> None:
     tf_module = sys.modules.get("tensorflow")
     if tf_module is not None and _tensorflow_uses_keras3(tf_module):
         raise ImportError(KERAS_MISMATCH)
+
+
+# -- tfdlrm.pipelines and tfdlrm.baselines in a checkout ----------------------------------------------------------
+# The repository keeps pipelines/ and baselines/ beside tfdlrm/; an installed tfdlrm has them
+# inside as tfdlrm/pipelines and tfdlrm/baselines (pyproject.toml maps the folders), so no
+# generic top-level name is claimed.  In a checkout this finder gives the same module names.
+SIBLING_PACKAGES = ("pipelines", "baselines")
+
+
+class _SiblingFinder:
+    def __init__(self, package: str, root: str):
+        self.package, self.root = package, root
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, tail = fullname.rpartition(".")
+        if head != self.package or tail not in SIBLING_PACKAGES:
+            return None
+        import importlib.util
+
+        folder = os.path.join(self.root, tail)
+        init = os.path.join(folder, "__init__.py")
+        if not os.path.isfile(init):
+            return None
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[folder])
+
+
+def map_sibling_packages(package: str, package_path) -> None:
+    """Make ``<package>.pipelines`` and ``<package>.baselines`` the checkout's sibling folders,
+    unless they are inside the package already (an installed tfdlrm)."""
+    here = os.path.abspath(list(package_path)[0])
+    if all(os.path.isdir(os.path.join(here, name)) for name in SIBLING_PACKAGES):
+        return
+    root = os.path.dirname(here)
+    if not any(isinstance(f, _SiblingFinder) and f.root == root for f in sys.meta_path):
+        sys.meta_path.append(_SiblingFinder(package, root))
 
 
 # -- transparent huge pages -----------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import argparse
 
 import numpy as np
 
-import tfdlrm  # noqa: F401  (before tensorflow)
-from pipelines.sources import open_data
+import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
+from tfdlrm.pipelines.sources import open_data
 from tfdlrm.presets import get_preset
 
 

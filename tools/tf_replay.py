@@ -9,10 +9,9 @@ Usage (from the repository root): .venv/bin/python -m tools.tf_replay FILE.npz D
 import argparse
 
 import numpy as np
-
-import tfdlrm  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 
+import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
 from tfdlrm.metrics import exact_auc
 from tfdlrm.presets import get_preset
 from tfdlrm.training.compile import build_model, compile_model

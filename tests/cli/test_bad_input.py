@@ -25,7 +25,7 @@ KAGGLE_LINES = 140  # 7 days of 20 rows
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     """Files every row can name: good and bad inputs, a converted dataset, finished runs."""
-    from pipelines.convert import ConvertSpec, convert
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
 
     root = tmp_path_factory.mktemp("assets")
     a = {"root": root}

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.batching import batches_per_epoch, rebatch, rows_per_epoch
-from pipelines.sources import open_data
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.batching import batches_per_epoch, rebatch, rows_per_epoch
+from tfdlrm.pipelines.sources import open_data
 from tfdlrm.presets import get_preset
 from tfdlrm.training.stream import pass_order, training_stream
 

@@ -8,12 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-import pipelines.convert
-from pipelines.cache import cached_conversion
-from pipelines.convert import ConvertSpec, convert
-from pipelines.manifest import SplitWriter
-from pipelines.reader import CriteoDataset
-from pipelines.splits import kaggle_segments
+import tfdlrm.pipelines.convert
 from tests.helpers.criteo_rows import (
     dataset_rows,
     hash_ids,
@@ -26,6 +21,11 @@ from tests.helpers.criteo_rows import (
     write_lines,
 )
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.cache import cached_conversion
+from tfdlrm.pipelines.convert import ConvertSpec, convert
+from tfdlrm.pipelines.manifest import SplitWriter
+from tfdlrm.pipelines.reader import CriteoDataset
+from tfdlrm.pipelines.splits import kaggle_segments
 
 
 def rows_of(out, split):
@@ -172,7 +172,7 @@ def test_shuffle_permutes_training_rows_only_and_is_seeded(tmp_path):
 
 
 def test_shuffled_vocabulary_conversion_spreads_rows_over_buckets(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipelines.convert, "SHUFFLE_BUCKET_ROWS", 100)  # several buckets
+    monkeypatch.setattr(tfdlrm.pipelines.convert, "SHUFFLE_BUCKET_ROWS", 100)  # several buckets
     write_lines(tmp_path / "train.txt", numbered_lines(700))
     _, plain = converted(tmp_path, "plain", inputs=[str(tmp_path / "train.txt")])
     _, mixed = converted(tmp_path, "mixed", inputs=[str(tmp_path / "train.txt")], shuffle=True)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.convert import ConvertSpec, convert
-from pipelines.features import dense_transform, dense_transform_np, parse_hex
-from pipelines.lookup import CategoricalLookup, RawFeatures
-from pipelines.tsv import parse_chunk
-from pipelines.vocabulary import CategoricalMapping, hex_lines, parse_hex_lines
 from tests.helpers.criteo_rows import REAL_FILES, python_fields
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.convert import ConvertSpec, convert
+from tfdlrm.pipelines.features import dense_transform, dense_transform_np, parse_hex
+from tfdlrm.pipelines.lookup import CategoricalLookup, RawFeatures
+from tfdlrm.pipelines.tsv import parse_chunk
+from tfdlrm.pipelines.vocabulary import CategoricalMapping, hex_lines, parse_hex_lines
 
 
 def test_dense_transform_by_hand():
@@ -159,7 +159,7 @@ def test_infinite_counts_are_missing_in_both_twins():
 
 def test_raw_examples_parse_back_into_the_raw_request_inputs():
     """The tf.Example schema of the serving export: absent, empty and NaN are missing."""
-    from pipelines.lookup import parse_raw_examples, raw_example
+    from tfdlrm.pipelines.lookup import parse_raw_examples, raw_example
 
     dense = [[1, None, -3, 2.5, float("nan")] + [7] * 8, list(range(13))]
     cats = [["2d4ea12b", "", None, "ABCDEF01", b"0000000a"] + ["zz"] * 21, ["%08x" % i for i in range(26)]]

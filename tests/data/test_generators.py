@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.generators import RandomData, SyntheticData
-from pipelines.sources import SYNTHETIC_BLOCK, open_data
 from tfdlrm.errors import UserError
 from tfdlrm.metrics import exact_auc
+from tfdlrm.pipelines.generators import RandomData, SyntheticData
+from tfdlrm.pipelines.sources import SYNTHETIC_BLOCK, open_data
 from tfdlrm.presets import get_preset
 
 

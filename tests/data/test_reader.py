@@ -7,9 +7,6 @@ import pytest
 import tensorflow as tf
 
 import tfdlrm
-from pipelines.convert import ConvertSpec, convert
-from pipelines.reader import CriteoDataset
-from pipelines.sources import CriteoSource, open_data
 from tests.helpers.criteo_rows import (
     dataset_rows,
     numbered_lines,
@@ -17,6 +14,9 @@ from tests.helpers.criteo_rows import (
     write_lines,
 )
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.convert import ConvertSpec, convert
+from tfdlrm.pipelines.reader import CriteoDataset
+from tfdlrm.pipelines.sources import CriteoSource, open_data
 
 
 @pytest.fixture(scope="module")

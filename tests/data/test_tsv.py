@@ -5,9 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.tsv import ChunkReader, count_lines, explain_line, parse_chunk
 from tests.helpers.criteo_rows import REAL_FILES, line, numbered_lines, python_fields
 from tfdlrm.errors import UserError
+from tfdlrm.pipelines.tsv import ChunkReader, count_lines, explain_line, parse_chunk
 
 
 def python_parse(raw: str):

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from baselines.dcn import DCN
+from tfdlrm.baselines.dcn import DCN
 from tfdlrm.layers.cross import CrossV1, CrossV2Stack
 from tfdlrm.presets import get_preset
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from baselines.dcn import DCN
+from tfdlrm.baselines.dcn import DCN
 from tfdlrm.models.dlrm import DLRM
 from tfdlrm.presets import PRESET_NAMES, get_preset
 

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-import tfdlrm  # noqa: F401  (before tensorflow)
+import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
 from tfdlrm.parallel.setup import configure_devices, make_parallel
 
 
@@ -192,7 +192,7 @@ def ps_cluster(args: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
     from tfdlrm.training.compile import build_model, compile_model
     from tfdlrm.training.evaluate import evaluate
 

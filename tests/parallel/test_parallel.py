@@ -201,7 +201,7 @@ def test_a_checkpoint_from_four_devices_loads_as_a_one_device_model(tmp_path):
     assert meta["spec"]["devices"] == 4 and meta["spec"]["budget"] == 220000
     assert not any(getattr(t, "is_sharded_variable", False) for t in model.sparse_arch.tables)
     assert {v.device for v in model.weights} == {model.weights[0].device}  # plain, one device
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.evaluate import evaluate
 
@@ -324,7 +324,7 @@ def test_ps_on_separate_processes_through_the_command_line(tmp_path):
         assert "parameter servers: 2 worker(s), 2 ps" in proc.stdout and "dlrm held-out: exact AUC" in proc.stdout
         model, _ = load_run(str(tmp_path / "run"))  # sharded on the servers, whole here
         metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-        from pipelines.sources import open_data
+        from tfdlrm.pipelines.sources import open_data
         from tfdlrm.presets import get_preset
         from tfdlrm.training.evaluate import evaluate
 

@@ -59,7 +59,7 @@ def _in_memory(run_dir, source) -> dict:
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     """kaggle_split converted twice: vocabulary (T = 2) and hashing (1,000 buckets)."""
-    from pipelines.convert import ConvertSpec, convert
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
 
     split = _split_dir()
     root = tmp_path_factory.mktemp("datasets")
@@ -75,7 +75,7 @@ def datasets(tmp_path_factory):
 def exports(datasets, tmp_path_factory):
     """DLRM and DCN-v2 on the vocabulary dataset, DCN on the hashed one, DLRM on synthetic
     data: trained a few steps, exported; with the in-memory model's outputs."""
-    from pipelines.sources import CriteoSource, open_data
+    from tfdlrm.pipelines.sources import CriteoSource, open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.loop import train
     from tfdlrm.training.spec import TrainSpec
@@ -101,7 +101,7 @@ def exports(datasets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hybrid_export(datasets, tmp_path_factory):
     """`train --devices 4 --parallel hybrid --export`: two tables split by rows over two devices each."""
-    from pipelines.sources import CriteoSource
+    from tfdlrm.pipelines.sources import CriteoSource
     from tfdlrm.presets import get_preset
 
     root = tmp_path_factory.mktemp("hybrid")

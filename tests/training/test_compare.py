@@ -65,7 +65,7 @@ def test_report_files_are_consistent(finished):
 def test_reported_auc_equals_an_independent_rank_computation(finished):
     out, report, _ = finished
     model, meta = load_run(str(out / "runs" / "dlrm-adagrad-seed2"))
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
     from tfdlrm.training.spec import model_config_for
 
     spec = specs(models=("dlrm",), seeds=(2,))[0]

@@ -148,8 +148,8 @@ def test_torn_and_damaged_checkpoints_are_passed_over_for_the_one_before(tmp_pat
 def test_resuming_on_converted_criteo_data_across_passes(tmp_path, monkeypatch):
     """Shuffled shards, interleaving and row windows of the reader; epochs of 7 steps over
     passes of 16 batches, so the crash (step 18) is in the second pass and the third epoch."""
-    from pipelines.convert import ConvertSpec, convert
     from tests.helpers.criteo_rows import numbered_lines, write_lines
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
 
     train_file = write_lines(tmp_path / "train.txt", numbered_lines(2000))
     test_file = write_lines(tmp_path / "test.txt", numbered_lines(400, start=2000))

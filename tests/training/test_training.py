@@ -81,7 +81,7 @@ def test_training_on_synthetic_data_learns_toward_the_teacher(tmp_path):
     # The run directory rebuilds the model without the command line.
     model, meta = load_run(str(tmp_path / "run"))
     assert meta["model"] == "dlrm" and meta["config"]["preset"] == "tiny"
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
 
     data = open_data("synthetic", get_preset("tiny"), train_examples=150_000, eval_examples=30_000)
     again = evaluate(model, data.eval_dataset(4096))

@@ -30,7 +30,7 @@ def bench_parallel(preset: str = "kaggle", rows: Optional[int] = 100_000, device
     """
     import tensorflow as tf
 
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.compile import build_model, compile_model
 

@@ -26,8 +26,8 @@ def bench_pipeline(rows: int = 2_000_000, source: Optional[str] = None, batch_si
                    repeats: int = 3, train_steps: int = 0, train_batch_size: int = 128, workers: int = 2,
                    verbatim: bool = False, tmp_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark (see the module docstring); returns the figures as a dict."""
-    from pipelines.convert import ConvertSpec, convert
-    from pipelines.reader import CriteoDataset
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
+    from tfdlrm.pipelines.reader import CriteoDataset
 
     if rows < 7 * 2:
         raise UserError(f"--rows must be at least 14 (a 7-day split), got {rows}")

@@ -23,7 +23,7 @@ from tfdlrm.serving.warmup import sample_ids, sample_raw_rows
 
 def _bench_inputs(fn, path: Path, batch: int, count: int) -> list[dict]:
     """``count`` distinct requests of ``batch`` made-up rows for signature ``fn``."""
-    from pipelines.lookup import raw_example
+    from tfdlrm.pipelines.lookup import raw_example
 
     keys = set(fn.structured_input_signature[1])
     requests = []
@@ -72,8 +72,8 @@ def bench_serving(saved_model: Optional[str] = None, signature: str = SIGNATURE_
     """
     with tempfile.TemporaryDirectory(prefix="tfdlrm-bench-serving-") as tmp:
         if saved_model is None:
-            from pipelines.lookup import RawFeatures
-            from pipelines.vocabulary import CategoricalMapping
+            from tfdlrm.pipelines.lookup import RawFeatures
+            from tfdlrm.pipelines.vocabulary import CategoricalMapping
             from tfdlrm.presets import get_preset
             from tfdlrm.training.compile import build_model
 

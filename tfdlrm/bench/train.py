@@ -44,8 +44,8 @@ def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int]
     """Train one configuration and return its figures (see the module docstring)."""
     import tensorflow as tf
 
-    from pipelines.sources import open_data
     from tfdlrm.models.fast_step import resolve_mixed_precision, resolve_xla
+    from tfdlrm.pipelines.sources import open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.compile import build_model, compile_model
 
@@ -143,9 +143,9 @@ def bench_train(model: str = "dlrm", preset: str = "kaggle", rows: Optional[int]
 
 def _tfrecord_source(config, batch_size: int, total_steps: int, rows: Optional[int], tmp_dir: Optional[str], log):
     """A converted Criteo dataset in a temporary directory, opened as ``train --data DIR`` does."""
-    from pipelines.convert import ConvertSpec, convert
-    from pipelines.sources import open_data
     from tfdlrm.bench.common import default_source, make_work_dir, write_raw
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
+    from tfdlrm.pipelines.sources import open_data
 
     if config.ids_per_lookup != 1 or config.num_dense != 13 or config.num_tables != 26:
         raise UserError("--data tfrecord needs a Criteo-shaped preset (13 dense, 26 one-hot features): kaggle, "

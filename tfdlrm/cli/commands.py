@@ -134,7 +134,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pipelines.convert import ConvertSpec, convert
+    from tfdlrm.pipelines.convert import ConvertSpec, convert
 
     spec = ConvertSpec(
         out=args.out, inputs=args.input or (), format=args.format, train=args.train or (), val=args.val or (),

@@ -144,3 +144,8 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
     finally:
         sys.stdout = stdout
     return code
+
+
+def console() -> None:
+    """The ``tfdlrm`` console script (pyproject.toml): the same as ``python -m tfdlrm``."""
+    sys.exit(main(restart=True))

@@ -96,8 +96,9 @@ class RecommenderModel(tf.keras.Model):
             return self.parallel_runner.test_step(self, data)
         return super().test_step(data)
 
-    def build_from_config(self):
-        """Create all variables by calling the model once on a dummy batch."""
+    def build_from_config(self, build_config=None):
+        """Create all variables by calling the model once on a dummy batch (Keras calls it
+        with its build config when loading a ``.keras`` file; the model config says all)."""
         self(dummy_batch(self.config))
         return self
 

@@ -18,6 +18,7 @@ from tfdlrm.presets import ModelConfig
 from tfdlrm.sizes import dlrm_parameter_count
 
 
+@tf.keras.utils.register_keras_serializable(package="tfdlrm")
 class DLRM(RecommenderModel):
     """Deep Learning Recommendation Model (Naumov et al., 2019).
 

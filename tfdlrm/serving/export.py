@@ -220,7 +220,7 @@ def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] =
         extra_files[METRICS_FILE] = (run / METRICS_FILE).read_bytes()
         info["metrics"] = {k: v for k, v in json.loads(extra_files[METRICS_FILE]).get("evaluation", {}).items()}
     if info.get("dataset"):
-        from pipelines.manifest import MANIFEST
+        from tfdlrm.pipelines.manifest import MANIFEST
 
         extra_files["dataset_manifest.json"] = (Path(info["dataset"]) / MANIFEST).read_bytes()
     tmp = make_partial_dir(base, chosen)

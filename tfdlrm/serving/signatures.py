@@ -79,9 +79,9 @@ def _ids_unchecked(model):
 
 def signature_functions(model: tf.keras.Model, features=None) -> dict:
     """The concrete signature functions of ``model`` (and ``features``, a
-    ``pipelines.features.RawFeatures``, or None for runs without a raw mapping)."""
-    from pipelines.features import NUM_CATEGORICAL, NUM_DENSE
-    from pipelines.lookup import parse_raw_examples
+    ``tfdlrm.pipelines.features.RawFeatures``, or None for runs without a raw mapping)."""
+    from tfdlrm.pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+    from tfdlrm.pipelines.lookup import parse_raw_examples
 
     config = model.config
 
@@ -156,9 +156,9 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
     ``run.json`` (or ``dataset``), whose manifest must be the one the run recorded.
     Generated data has no raw mapping: ``(None, info)``.
     """
-    from pipelines.lookup import RawFeatures
-    from pipelines.manifest import MANIFEST, read_manifest
-    from pipelines.vocabulary import CategoricalMapping
+    from tfdlrm.pipelines.lookup import RawFeatures
+    from tfdlrm.pipelines.manifest import MANIFEST, read_manifest
+    from tfdlrm.pipelines.vocabulary import CategoricalMapping
 
     data = meta.get("data") or {}
     if data.get("kind") != "criteo":

@@ -17,7 +17,7 @@ WARMUP_BATCH_SIZES = (1, 16)
 
 def sample_raw_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` made-up raw rows: float32 [n, 13] counts (some NaN), object [n, 26] hex (some "")."""
-    from pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+    from tfdlrm.pipelines.features import NUM_CATEGORICAL, NUM_DENSE
 
     rng = np.random.default_rng(seed)
     dense = np.floor(rng.exponential(20.0, (n, NUM_DENSE))).astype(np.float32)
@@ -42,7 +42,7 @@ def warmup_requests(model_name: str, functions: dict, config) -> list:
     at batch 1 and 16, with made-up rows (TF Serving runs each once when it loads)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    from pipelines.lookup import raw_example
+    from tfdlrm.pipelines.lookup import raw_example
 
     logs = []
     for batch in WARMUP_BATCH_SIZES:

@@ -22,7 +22,7 @@ def build_model(name: str, config: ModelConfig, mixed_precision: Optional[str] =
 
         model = DLRM(config, mixed_precision=mixed_precision)
     elif name in ("dcn", "dcn-v2"):
-        from baselines.dcn import DCN
+        from tfdlrm.baselines.dcn import DCN
 
         model = DCN(config, cross="v1" if name == "dcn" else "v2", mixed_precision=mixed_precision)
     else:

@@ -10,11 +10,11 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from pipelines.batching import rows_per_epoch
 from tfdlrm.errors import UserError
 from tfdlrm.metrics import Evaluation
 from tfdlrm.parallel.devices import parse_budget
 from tfdlrm.parallel.setup import configure_devices, make_parallel
+from tfdlrm.pipelines.batching import rows_per_epoch
 from tfdlrm.training.callbacks import (
     EpochEvaluation,
     LearningCurve,
@@ -53,7 +53,7 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     from its newest good checkpoint; a finished run is returned as it is (``spec.restart``
     trains it again).
     """
-    from pipelines.sources import open_data
+    from tfdlrm.pipelines.sources import open_data
 
     spec.check()
     if spec.devices is not None and spec.parallel != "ps":
