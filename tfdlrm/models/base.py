@@ -91,6 +91,13 @@ class RecommenderModel(tf.keras.Model):
 
             use_fast_step(self, "full")
 
+    def get_compile_config(self):
+        """None: a ``.keras`` file holds no compile state, so a loaded model is compiled again
+        (``compile_model``).  What ``compile_model`` sets up cannot be written as a config (the
+        fast step; TFRS's ``CompositeOptimizer``, whose ``get_config`` raises), and Keras never
+        calls a custom ``compile`` on loading anyway."""
+        return None
+
     def test_step(self, data):
         if self.parallel_runner is not None:
             return self.parallel_runner.test_step(self, data)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -50,30 +51,106 @@ def make_optimizer(name: str, lr: float) -> tf.keras.optimizers.legacy.Optimizer
     raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
 
 
-def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1,
-                  embedding_optimizer: Optional[str] = None, embedding_lr: Optional[float] = None,
+DEFAULT_LR = 0.1  # the learning rate of an optimizer given by name when no lr is given
+
+OptimizerArg = Union[str, "tf.keras.optimizers.legacy.Optimizer", "tf.keras.optimizers.Optimizer"]
+
+NEW_OPTIMIZER_WARNING = (
+    "new (non-legacy) tf_keras optimizer {names}: the legacy ones (tf.keras.optimizers.legacy) "
+    "update only the looked-up rows of the embedding tables, the new ones keep full-table slot state "
+    "(docs/training.md); model.fit also runs Keras's stock step "
+    "instead of the fast one (xla='sparse' needs legacy optimizers)"
+)
+_warned_new_optimizer = False  # the warning above is given once a process
+
+
+def _new_optimizers(optimizer) -> list:
+    """The new (non-legacy) tf_keras optimizers in ``optimizer``: itself, or inside a TFRS
+    ``CompositeOptimizer``."""
+    pairs = getattr(optimizer, "_optimizers_and_vars", None)
+    if pairs:
+        return [new for opt, _ in pairs for new in _new_optimizers(opt)]
+    return [optimizer] if isinstance(optimizer, tf.keras.optimizers.Optimizer) else []
+
+
+def _resolve_optimizer(value, lr: Optional[float], what: str, lr_flag: str):
+    """``value``: a name (made with ``lr``, default 0.1) or a tf_keras optimizer object
+    (returned as it is)."""
+    if isinstance(value, str):
+        return make_optimizer(value, DEFAULT_LR if lr is None else lr)
+    if isinstance(value, (tf.keras.optimizers.legacy.Optimizer, tf.keras.optimizers.Optimizer)):
+        if lr is not None:
+            raise UserError(f"{what} is an optimizer object, which has its own learning rate: "
+                            f"leave {lr_flag} out (got {lr_flag}={lr})")
+        return value
+    module = type(value).__module__ or ""
+    if module.split(".")[0] == "keras":
+        raise UserError(f"{what} is a Keras 3 optimizer ({module}.{type(value).__name__}); tfdlrm models are "
+                        f"tf_keras (Keras 2) models: use tf.keras.optimizers.legacy (or tf.keras.optimizers) "
+                        f"after `import tfdlrm`, not the keras package")
+    raise UserError(f"{what} must be one of {', '.join(OPTIMIZER_NAMES)} or a tf_keras optimizer object, "
+                    f"got {type(value).__name__} {value!r}")
+
+
+def compile_model(model: tf.keras.Model, optimizer: OptimizerArg = "sgd", lr: Optional[float] = None,
+                  embedding_optimizer: Optional[OptimizerArg] = None, embedding_lr: Optional[float] = None,
                   jit_compile: bool = False, metrics: bool = True, xla: str = "sparse") -> tf.keras.Model:
     """Compile with binary cross-entropy and (optionally) AUC / log loss / accuracy.
 
-    With ``embedding_optimizer`` or ``embedding_lr`` the embedding tables get their own
-    optimizer through TFRS's ``CompositeOptimizer``.
+    ``optimizer`` is a name (``sgd``, ``adagrad``, ``adam``: a tf_keras *legacy* optimizer made by
+    :func:`make_optimizer` with learning rate ``lr``, default 0.1) or a tf_keras optimizer object,
+    used as it is (then ``lr`` must be left out: the object has its own).  Prefer the legacy
+    optimizers (``tf.keras.optimizers.legacy.SGD``, ...): they update only the looked-up rows of
+    a table.  A new tf_keras optimizer (``tf.keras.optimizers.SGD``, ...) is accepted with a
+    warning (once a process): it keeps full-table state, and ``model.fit`` then runs Keras's
+    stock step (``xla="sparse"`` becomes ``off``; ``full`` is refused).  Keras 3 optimizers
+    (the ``keras`` package) are refused: the models are tf_keras models.
+
+    With ``embedding_optimizer`` or ``embedding_lr`` the embedding tables
+    (``model.embedding_variables``) get their own optimizer and the other weights
+    (``model.dense_variables``) ``optimizer``, through TFRS's ``CompositeOptimizer``.
+    ``embedding_optimizer`` is likewise a name or an object; it defaults to the same kind as
+    ``optimizer`` when that is a name, ``embedding_lr`` to ``lr`` (0.1 when neither is given).
 
     ``xla`` picks the training step on one device (``tfdlrm.models.fast_step``): ``sparse`` (the
     default) compiles the embedding gathers and row updates with XLA, ``full`` the
     whole step (as ``jit_compile=True``), ``off`` is Keras's stock step.  Ids are
     range-checked in every case.  Parallel modes use their own steps.
     """
-    dense_opt = make_optimizer(optimizer, lr)
+    global _warned_new_optimizer
+    dense_opt = _resolve_optimizer(optimizer, lr, "optimizer", "lr")
     if embedding_optimizer is None and embedding_lr is None:
         opt = dense_opt
     else:
         import tensorflow_recommenders as tfrs
 
-        sparse_opt = make_optimizer(embedding_optimizer or optimizer, embedding_lr or lr)
+        if embedding_optimizer is None and not isinstance(optimizer, str):
+            raise UserError("embedding_lr with an optimizer object: give embedding_optimizer too "
+                            "(a name, or an optimizer object with its own learning rate)")
+        if not isinstance(optimizer, str) and embedding_optimizer is optimizer:
+            raise UserError("optimizer and embedding_optimizer are the same object: give the tables "
+                            "an optimizer object of their own")
+        if embedding_optimizer is None:
+            embedding_optimizer = optimizer  # a name here
+        if isinstance(embedding_optimizer, str) and embedding_lr is None:
+            embedding_lr = lr
+        sparse_opt = _resolve_optimizer(embedding_optimizer, embedding_lr, "embedding_optimizer", "embedding_lr")
         opt = tfrs.experimental.optimizers.CompositeOptimizer([
             (sparse_opt, lambda: model.embedding_variables),
             (dense_opt, lambda: model.dense_variables),
         ])
+    new = _new_optimizers(opt)
+    step = "full" if jit_compile else xla
+    if new:
+        if step == "full":
+            raise UserError("xla='full' (jit_compile=True) compiles the optimizer update too, which needs a "
+                            "legacy tf_keras optimizer (tf.keras.optimizers.legacy.SGD or Adagrad)")
+        if step == "sparse":
+            step = "off"  # the fast step creates and updates legacy optimizers' slots
+        if not _warned_new_optimizer:
+            _warned_new_optimizer = True
+            names = ", ".join(type(o).__name__ for o in new)
+            warnings.warn(NEW_OPTIMIZER_WARNING.format(names=names), UserWarning, stacklevel=2)
     keras_metrics = None
     if metrics:
         keras_metrics = [
@@ -84,7 +161,7 @@ def compile_model(model: tf.keras.Model, optimizer: str = "sgd", lr: float = 0.1
     model.compile(optimizer=opt, loss=tf.keras.losses.BinaryCrossentropy(), metrics=keras_metrics)
     from tfdlrm.models.fast_step import use_fast_step
 
-    use_fast_step(model, "full" if jit_compile else xla)
+    use_fast_step(model, step)
     return model
 
 
