@@ -1,8 +1,10 @@
 """The on-disk format of a converted dataset, read and written in one place.
 
 A dataset directory holds ``manifest.json`` (format, splits, shards, mapping, counts),
-TFRecord shards whose records are blocks of rows of 40 int32 words (label, 13 dense as
-float32 bits, 26 ids), and ``vocabulary/``.  See docs/data.md.
+TFRecord shards whose records are blocks of rows of int32 words (label and dense as
+float32 bits, then ids: Criteo's 40 words are the label, 13 dense and 26 ids; your own
+features' come from the feature spec in the manifest, :func:`row_layout`), and
+``vocabulary/``.  See docs/data.md.
 """
 from __future__ import annotations
 
@@ -100,6 +102,16 @@ class SplitWriter:
         self._close_shard()
 
 
+def row_layout(manifest: dict) -> tuple[int, tuple]:
+    """``(num_dense, widths)`` of a dataset's rows: after the label, ``num_dense`` float32
+    words, then per categorical feature ``width`` int32 ids (1; a multi-hot bag: padded
+    with -1).  Criteo's: 13 and 26 ones; your own features': from the feature spec."""
+    features = manifest.get("features")
+    if features is None:
+        return NUM_DENSE, (1,) * NUM_CATEGORICAL
+    return len(features["spec"]["dense"]), tuple(int(c["width"]) for c in features["columns"])
+
+
 def manifest_json(manifest: dict) -> str:
     """JSON, indented, with lists of plain values kept on one line."""
     token = uuid.uuid4().hex
@@ -149,11 +161,12 @@ def read_manifest(root: Path, check_files: bool = True) -> tuple[dict, bytes]:
                         f"(convert the raw files again)")
     try:
         record = manifest["record"]
-        if record["bytes_per_row"] != 4 * ROW_WORDS or record["byte_order"] != "little":
+        num_dense, widths = row_layout(manifest)
+        if record["bytes_per_row"] != 4 * (1 + num_dense + sum(widths)) or record["byte_order"] != "little":
             raise UserError(f"{root}: unsupported record layout {record}")
-        if len(manifest["table_sizes"]) != NUM_CATEGORICAL:
+        if len(manifest["table_sizes"]) != len(widths):
             raise UserError(f"{root}: manifest has {len(manifest['table_sizes'])} table sizes, "
-                            f"expected {NUM_CATEGORICAL}")
+                            f"expected {len(widths)}")
         for split, info in (manifest["splits"].items() if check_files else ()):
             for entry in info["files"]:
                 shard = root / entry["path"]

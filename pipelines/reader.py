@@ -10,12 +10,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
 from tfdlrm.pipelines.batching import batches_per_epoch, rebatch
 from tfdlrm.pipelines.features import NUM_DENSE
-from tfdlrm.pipelines.manifest import ROW_WORDS, read_manifest
+from tfdlrm.pipelines.manifest import ROW_WORDS, read_manifest, row_layout
 
 SHUFFLE_BLOCKS = 32
 WINDOW_BLOCKS = 8
@@ -23,17 +24,37 @@ READ_BUFFER = 4 << 20
 INTERLEAVE_FILES = 4
 
 
-def decode_block(record: tf.Tensor) -> tf.Tensor:
-    """One record -> int32 [rows, 40]."""
-    return tf.reshape(tf.io.decode_raw(record, tf.int32, little_endian=True), [-1, ROW_WORDS])
+def decode_block(record: tf.Tensor, words: int = ROW_WORDS) -> tf.Tensor:
+    """One record -> int32 [rows, words] (Criteo: 40)."""
+    return tf.reshape(tf.io.decode_raw(record, tf.int32, little_endian=True), [-1, words])
 
 
-def to_batch(rows: tf.Tensor):
-    """int32 [batch, 40] -> ``({"dense": float32 [batch, 13], "sparse": int64 [batch, 26]}, float32 [batch, 1])``."""
+def to_batch(rows: tf.Tensor, num_dense: int = NUM_DENSE):
+    """int32 [batch, words] -> ``({"dense": float32 [batch, num_dense], "sparse": int64 [batch, words - 1 - num_dense]},
+    float32 [batch, 1])`` (multi-hot bags still padded with -1: :func:`bags`)."""
     label = tf.bitcast(rows[:, :1], tf.float32)
-    dense = tf.bitcast(rows[:, 1:1 + NUM_DENSE], tf.float32)
-    sparse = tf.cast(rows[:, 1 + NUM_DENSE:], tf.int64)
+    dense = tf.bitcast(rows[:, 1:1 + num_dense], tf.float32)
+    sparse = tf.cast(rows[:, 1 + num_dense:], tf.int64)
     return {"dense": dense, "sparse": sparse}, label
+
+
+def bags(widths: tuple):
+    """A map from padded ids ``[batch, sum(widths)]`` (-1 = padding) to ragged
+    ``[batch, tables, None]``: table ``f`` owns ``widths[f]`` consecutive words."""
+    owner = tf.constant(np.repeat(np.arange(len(widths)), widths), tf.int32)
+
+    def to_ragged(features, label):
+        ids = features["sparse"]
+        present = ids >= 0
+        batch = tf.shape(ids)[0]
+        lengths = tf.math.unsorted_segment_sum(tf.transpose(tf.cast(present, tf.int64)), owner, len(widths))
+        bags_ = tf.RaggedTensor.from_row_lengths(
+            tf.boolean_mask(ids, present),  # row-major: example, then table, then position
+            tf.reshape(tf.transpose(lengths), [-1]))
+        sparse = tf.RaggedTensor.from_uniform_row_length(bags_, len(widths), nrows=tf.cast(batch, tf.int64))
+        return {"dense": features["dense"], "sparse": sparse}, label
+
+    return to_ragged
 
 
 class CriteoDataset:
@@ -45,6 +66,10 @@ class CriteoDataset:
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.table_sizes = tuple(int(n) for n in self.manifest["table_sizes"])
         self.rows_per_block = int(self.manifest["record"]["rows_per_block"])
+        self.num_dense, self.widths = row_layout(self.manifest)
+        self.words = 1 + self.num_dense + sum(self.widths)
+        self.multi_hot = any(w > 1 for w in self.widths) or any(
+            c.get("multi_hot") for c in (self.manifest.get("features") or {}).get("columns", ()))
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -102,20 +127,23 @@ class CriteoDataset:
             records = tf.data.TFRecordDataset(paths, buffer_size=READ_BUFFER)
         if pipelines > 1:
             records = records.shard(pipelines, index)
-        data = records.map(decode_block, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        decode, parse = (lambda r: decode_block(r, self.words)), (lambda rows: to_batch(rows, self.num_dense))
+        data = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         if seed is not None:
             data = data.shuffle(SHUFFLE_BLOCKS, seed=seed, reshuffle_each_iteration=True)
             window = WINDOW_BLOCKS * self.rows_per_block
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
             data = tf.data.Dataset.zip((data.rebatch(window), seeds)).map(
-                lambda rows, s: to_batch(_permute(rows, s)), num_parallel_calls=tf.data.AUTOTUNE,
+                lambda rows, s: parse(_permute(rows, s)), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
         else:
-            data = data.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+            data = data.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         # Parsed per block or window above; per batch only the slicing of rebatch remains.
         data = rebatch(data, rows, batch_size, last_batch)
         if start_batch:
             data = data.skip(start_batch)
+        if self.multi_hot:
+            data = data.map(bags(self.widths), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         options = tf.data.Options()
         options.deterministic = deterministic
         return data.with_options(options).prefetch(tf.data.AUTOTUNE)

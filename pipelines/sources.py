@@ -175,14 +175,24 @@ class CriteoSource(DataSource):
 
         self.dataset = CriteoDataset(path)
         self.name = f"criteo {self.dataset.path}"
+        if eval_split == "test" and "test" not in self.dataset.splits:
+            if "val" not in self.dataset.splits:
+                raise UserError(f"{self.dataset.path} has no held-out split to evaluate on (convert with "
+                                f"--test FILE or --val-fraction F)")
+            eval_split = "val"  # a dataset converted without --test: val is the held-out split
         self.eval_split = eval_split
         self.raw_files = raw_files
-        if config.num_dense != CRITEO_DENSE:
+        features = self.dataset.manifest.get("features")
+        if features is None and config.num_dense != CRITEO_DENSE:
             raise UserError(f"Criteo rows have {CRITEO_DENSE} dense features but preset {config.preset!r} "
                             f"expects {config.num_dense}")
         if config.ids_per_lookup != 1:
-            raise UserError(f"Criteo rows have one id per feature, but preset {config.preset!r} looks up "
-                            f"{config.ids_per_lookup} ids per feature")
+            raise UserError(f"converted rows have one id (or a bag of ids) per feature, but preset "
+                            f"{config.preset!r} looks up {config.ids_per_lookup} ids per feature")
+        if features is not None:  # your own features: the dense width and the pooling come from the feature spec
+            self.name = f"features {self.dataset.path}"
+            config = config.replace(bottom_mlp=(self.dataset.num_dense, *config.bottom_mlp[1:]),
+                                    pooling=features["spec"]["pooling"])
         self.config = config.with_rows(self.dataset.table_sizes)
         self.train_examples = self.dataset.rows("train")
         self.eval_examples = self.dataset.rows(eval_split)
@@ -215,6 +225,7 @@ class CriteoSource(DataSource):
             "eval_examples": self.eval_examples,
             "val_examples": self.val_examples,
             "table_rows": list(self.config.table_rows),
+            "features": self.dataset.manifest.get("features") is not None,
             "mapping": {k: v for k, v in manifest["mapping"].items() if k != "vocabulary_sizes"},
             "sources": [{"path": src["path"], "sha256": src["sha256"]} for src in manifest["sources"]],
         }

@@ -148,7 +148,7 @@ def test_open_data_errors(small, tmp_path):
         open_data(str(tmp_path / "nope"), config)
     with pytest.raises(UserError, match="13 dense features"):
         open_data(str(small), tfdlrm.get_preset("paper-benchmark"))
-    with pytest.raises(UserError, match="one id per feature"):
+    with pytest.raises(UserError, match="one id \\(or a bag of ids\\) per feature"):
         open_data(str(small), config.replace(ids_per_lookup=3))
 
 

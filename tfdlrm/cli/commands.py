@@ -134,6 +134,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.features:
+        return _convert_tabular(args)
     from tfdlrm.pipelines.convert import ConvertSpec, convert
 
     spec = ConvertSpec(
@@ -144,6 +146,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         workers=args.workers, progress=args.progress,
     )
     print(convert(spec).summary())
+    return 0
+
+
+def _convert_tabular(args: argparse.Namespace) -> int:
+    from tfdlrm.pipelines.tabular import TabularSpec, convert_tabular
+
+    criteo_only = {"--input": args.input, "--hash-buckets": args.hash_buckets,
+                   "--halve-held-out": args.halve_held_out or None}
+    given = [flag for flag, value in criteo_only.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to Criteo files; with "
+                        f"--features the feature spec says how each column maps (hash_buckets per column)")
+    spec = TabularSpec(out=args.out, features=args.features, train=args.train or (), test=args.test or (),
+                       val=args.val or (), val_fraction=args.val_fraction, min_frequency=args.min_frequency,
+                       on_bad_row=args.on_bad_row, shuffle=args.shuffle, seed=args.seed,
+                       rows_per_shard=args.rows_per_shard, rows_per_block=args.rows_per_block,
+                       overwrite=args.overwrite, progress=args.progress)
+    print(convert_tabular(spec).summary())
     return 0
 
 

@@ -89,17 +89,21 @@ def add_bench_train_parser(benches) -> None:
 
 def add_convert_parser(sub) -> None:
     p = sub.add_parser(
-        "convert", help="convert raw Criteo TSV (plain or gzip) to a TFRecord dataset with a manifest",
+        "convert", help="convert raw Criteo TSV, or your own CSV/TSV with --features, to a TFRecord dataset",
         description="Convert raw Criteo click logs (label, 13 integer and 26 hex features, tab-separated; "
                     "plain or gzip) into TFRecord shards and a manifest.json that train --data reads. "
                     "Either --input with --format (split into days as the DLRM paper) or --train/--test "
-                    "(data already split).")
+                    "(data already split).  With --features SPEC: your own CSV or TSV files with a header "
+                    "(plain or gzip), columns as the feature spec (YAML or JSON) names them; see docs/data.md.")
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", metavar="FILE",
                    help="raw files split by days: Kaggle's train.txt (7 days by line count; days 1-6 train, "
                         "day 7 held out) or Terabyte's day_0 .. day_23 (day 23 held out)")
     g.add_argument("--format", choices=("kaggle", "terabyte"), default="kaggle",
                    help="which day split --input gets (default: kaggle)")
+    g.add_argument("--features", metavar="SPEC",
+                   help="your own features: a YAML or JSON feature spec (label, dense, categorical) for CSV/TSV "
+                        "files with a header given by --train and --test")
     g.add_argument("--train", nargs="+", metavar="FILE", help="data already split: the training file(s)")
     g.add_argument("--val", nargs="+", metavar="FILE", help="data already split: validation file(s) (optional)")
     g.add_argument("--test", nargs="+", metavar="FILE", help="data already split: the held-out file(s)")

@@ -50,7 +50,7 @@ def write_saved_model(path: Path, model: tf.keras.Model, model_name: str, featur
     extra = Path(path) / EXTRA_DIR
     extra.mkdir(exist_ok=True)
     with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
-        for log in warmup_requests(model_name, functions, model.config):
+        for log in warmup_requests(model_name, functions, model.config, features):
             writer.write(log.SerializeToString())
     description = {
         "format": EXPORT_FORMAT,
@@ -62,17 +62,29 @@ def write_saved_model(path: Path, model: tf.keras.Model, model_name: str, featur
         **(info or {}),
         "signatures": describe_signatures(functions),
         "serving_default": SIGNATURE_RAW if features is not None else SIGNATURE_IDS,
-        "choices": {
-            "categorical_invalid": "neither empty nor 8 hex digits -> the missing id" if features else None,
-            "categorical_case": "upper and lower case hex map alike" if features else None,
-            "dense_missing": "NaN, +inf, -inf and negative counts -> 0 (as a missing value)" if features else None,
-        },
+        "choices": _choices(features),
         "warmup_requests": len(WARMUP_BATCH_SIZES) * (len(functions) - (features is None)),
     }
     for name, data in (extra_files or {}).items():
         (extra / name).write_bytes(data)
     (extra / EXPORT_INFO).write_text(json.dumps(description, indent=2) + "\n")
     return description
+
+
+def _choices(features) -> dict:
+    """How the raw signatures treat odd values (export.json)."""
+    from tfdlrm.pipelines.spec import TabularFeatures
+
+    if isinstance(features, TabularFeatures):
+        return {"categorical_missing": "an empty string -> id 0; a value not in the vocabulary -> id 1",
+                "multi_hot": "split at the separator, empty tokens dropped, the first `width` ids kept "
+                             "(features.columns in the manifest); an empty string is an empty bag",
+                "dense_missing": "NaN, +inf, -inf -> 0 (log1p columns: negative values -> 0 too)"}
+    return {
+        "categorical_invalid": "neither empty nor 8 hex digits -> the missing id" if features else None,
+        "categorical_case": "upper and lower case hex map alike" if features else None,
+        "dense_missing": "NaN, +inf, -inf and negative counts -> 0 (as a missing value)" if features else None,
+    }
 
 
 @dataclass

@@ -100,6 +100,10 @@ def signature_functions(model: tf.keras.Model, features=None) -> dict:
         checked = _checked({"dense": dense, "sparse": sparse}, widths)
         return predict(checked["dense"], checked["sparse"])
 
+    from tfdlrm.pipelines.spec import TabularFeatures
+
+    if isinstance(features, TabularFeatures):
+        return _tabular_functions(model, features, predict)
     functions = {SIGNATURE_IDS: ids.get_concrete_function()}
     if features is None:
         return {SIGNATURE_RAW: functions[SIGNATURE_IDS], **functions}
@@ -133,6 +137,76 @@ def signature_functions(model: tf.keras.Model, features=None) -> dict:
                 SIGNATURE_EXAMPLES: examples.get_concrete_function(),
                 SIGNATURE_IDS: functions[SIGNATURE_IDS],
                 SIGNATURE_TRANSFORM: transform.get_concrete_function()}
+
+
+def _vectors_checked(inputs: dict) -> dict:
+    """``inputs`` (one [batch] vector each) guarded by checks of their rank and equal batch sizes."""
+    checks = []
+    names = list(inputs)
+    for name in names:
+        shape = tf.shape(inputs[name])
+        checks.append(_require(tf.equal(tf.size(shape), 1),
+                               f"input {name} must be a vector of shape [batch]; got shape", shape))
+    with tf.control_dependencies(checks):
+        size = {name: tf.shape(inputs[name])[0] for name in names}
+        for name in names[1:]:
+            checks.append(_require(tf.equal(size[name], size[names[0]]),
+                                   f"inputs {names[0]} and {name} must have the same batch size; got",
+                                   size[names[0]], "and", size[name]))
+    with tf.control_dependencies(checks):
+        return {name: tf.identity(value) for name, value in inputs.items()}
+
+
+def _tabular_functions(model, features, predict) -> dict:
+    """The signatures of a model trained on your own features (``pipelines/spec.py``):
+    ``serving_default`` takes one named [batch] input per column (float32 dense, string
+    categorical, the raw separated string for multi-hot), ``examples`` tf.Example protos
+    with the same names, ``transform`` the named inputs -> model inputs, ``ids`` the model
+    inputs (multi-hot: int64 [batch, tables, width] padded with -1)."""
+    config = model.config
+    spec = features.spec
+    names = features.input_names
+    dense_names = {c.name for c in spec.dense}
+    specs = [tf.TensorSpec([None], tf.float32 if n in dense_names else tf.string, name=n) for n in names]
+    multi_hot = spec.multi_hot
+
+    def model_inputs(*args):
+        return features(_vectors_checked(dict(zip(names, args))))
+
+    def padded(inputs):
+        sparse = inputs["sparse"]
+        return {"dense": inputs["dense"], "sparse": sparse.to_tensor(default_value=-1) if multi_hot else sparse}
+
+    def raw(*args):
+        inputs = model_inputs(*args)
+        return predict(inputs["dense"], inputs["sparse"])
+
+    def examples(examples):
+        columns = features.parse_examples(examples)
+        inputs = features(columns)
+        return predict(inputs["dense"], inputs["sparse"])
+
+    def transform(*args):
+        return padded(model_inputs(*args))
+
+    sparse_shape = [None, config.num_tables] + ([None] if multi_hot else [])
+
+    def ids(dense, sparse):
+        checked = _checked({"dense": dense}, {"dense": (config.num_dense, "float32 (transformed dense features)")})
+        if multi_hot:
+            sparse = tf.RaggedTensor.from_tensor(sparse, padding=tf.constant(-1, tf.int64), ragged_rank=2)
+        return predict(checked["dense"], sparse)
+
+    with _ids_unchecked(model):
+        return {
+            SIGNATURE_RAW: tf.function(raw, input_signature=specs).get_concrete_function(),
+            SIGNATURE_EXAMPLES: tf.function(examples, input_signature=[
+                tf.TensorSpec([None], tf.string, name="examples")]).get_concrete_function(),
+            SIGNATURE_TRANSFORM: tf.function(transform, input_signature=specs).get_concrete_function(),
+            SIGNATURE_IDS: tf.function(ids, input_signature=[
+                tf.TensorSpec([None, config.num_dense], tf.float32, name="dense"),
+                tf.TensorSpec(sparse_shape, tf.int64, name="sparse")]).get_concrete_function(),
+        }
 
 
 def describe_signatures(functions: dict) -> dict:
@@ -173,6 +247,16 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
     if data.get("manifest_sha256") and hashlib.sha256(raw).hexdigest() != data["manifest_sha256"]:
         raise UserError(f"{manifest_file} is not the manifest the run trained with (its sha256 differs from "
                         f"run.json's): the dataset was converted again or replaced; {hint}")
+    if manifest.get("features") is not None:
+        from tfdlrm.pipelines.spec import TabularFeatures
+
+        if tuple(c["table_size"] for c in manifest["features"]["columns"]) != tuple(config.table_rows):
+            raise UserError(f"{path}: the feature spec gives tables of {manifest['table_sizes']} rows but the model "
+                            f"has {list(config.table_rows)}: not the dataset the run trained on")
+        features = TabularFeatures(manifest["features"], str(path))
+        return features, {"raw_features": True, "data_kind": "features", "dataset": str(path.resolve()),
+                          "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                          "feature_spec": manifest["features"]["spec"]}
     try:
         mapping = CategoricalMapping.load(path, manifest["mapping"])
     except (ValueError, KeyError, TypeError) as e:
@@ -187,4 +271,5 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
 
 
 def _shape(dims) -> str:
-    return "[" + ", ".join("batch" if d is None else str(d) for d in dims) + "]"
+    """``[batch, 13]``; a later unknown dimension (a bag of ids) is ``width``."""
+    return "[" + ", ".join(("batch" if i == 0 else "width") if d is None else str(d) for i, d in enumerate(dims)) + "]"

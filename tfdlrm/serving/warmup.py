@@ -28,6 +28,24 @@ def sample_raw_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return dense, categorical
 
 
+def sample_tabular(spec, n: int, seed: int = 0) -> dict:
+    """``n`` made-up raw rows of a feature spec: ``{column: float32 or bytes [n]}`` (some missing)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for column in spec.dense:
+        x = rng.exponential(10.0, n).astype(np.float32)
+        x[rng.random(n) < 0.2] = np.nan
+        out[column.name] = x
+    for column in spec.categorical:
+        tokens = [f"v{k}" for k in rng.integers(0, 20, 3 * n)]
+        if column.multi_hot:
+            values = [column.separator.join(tokens[3 * i:3 * i + int(rng.integers(0, 4))]) for i in range(n)]
+        else:
+            values = [t if rng.random() > 0.15 else "" for t in tokens[:n]]
+        out[column.name] = np.array([v.encode() for v in values], dtype=object)
+    return out
+
+
 def sample_ids(config, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` made-up model inputs: float32 [n, num_dense] in [0, 1), int64 ids in range."""
     rng = np.random.default_rng(seed)
@@ -37,19 +55,31 @@ def sample_ids(config, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return dense, sparse
 
 
-def warmup_requests(model_name: str, functions: dict, config) -> list:
+def warmup_requests(model_name: str, functions: dict, config, features=None) -> list:
     """PredictionLog protos for ``assets.extra/tf_serving_warmup_requests``: each signature
-    at batch 1 and 16, with made-up rows (TF Serving runs each once when it loads)."""
+    at batch 1 and 16, with made-up rows (TF Serving runs each once when it loads).
+    ``features``: the export's raw transform (Criteo's, your own features', or None)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     from tfdlrm.pipelines.lookup import raw_example
+    from tfdlrm.pipelines.spec import example as tabular_example
 
     logs = []
     for batch in WARMUP_BATCH_SIZES:
         dense, categorical = sample_raw_rows(batch, seed=batch)
         ids_dense, ids_sparse = sample_ids(config, batch, seed=batch)
         inputs = {}
-        if SIGNATURE_TRANSFORM in functions:  # raw signatures exist
+        tabular = getattr(features, "spec", None)
+        if tabular is not None:  # your own features: one named input per column
+            raw = {name: tf.make_tensor_proto(values, tf.float32 if values.dtype == np.float32 else tf.string)
+                   for name, values in sample_tabular(tabular, batch, seed=batch).items()}
+            rows = [{k: (v[i].decode() if isinstance(v[i], bytes) else v[i]) for k, v in
+                     sample_tabular(tabular, batch, seed=batch).items()} for i in range(batch)]
+            serialized = [tabular_example(row, tabular).SerializeToString() for row in rows]
+            inputs = {SIGNATURE_RAW: raw, SIGNATURE_TRANSFORM: raw,
+                      SIGNATURE_EXAMPLES: {"examples": tf.make_tensor_proto(serialized, tf.string)}}
+            ids_sparse = ids_sparse if not tabular.multi_hot else ids_sparse[:, :, None]
+        elif SIGNATURE_TRANSFORM in functions:  # raw signatures exist
             raw = {"dense": tf.make_tensor_proto(dense, tf.float32),
                    "categorical": tf.make_tensor_proto(categorical.astype(bytes), tf.string)}
             serialized = [raw_example(d, c).SerializeToString() for d, c in zip(dense, categorical)]
