@@ -20,12 +20,22 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 install: $(VENV)/.installed
 
-# Trains DLRM and DCN on built-in synthetic data, prints them side by side, and
-# exports each for TF Serving under saved_models/<model>/<version>/.
-demo: $(VENV)/.installed
-	$(PY) -m tfdlrm compare --models dlrm,dcn --data synthetic --preset kaggle --rows 20000 \
-	    --train-examples 300000 --eval-examples 50000 --epochs 1 --batch-size 256 \
-	    --optimizers adagrad --lr 0.02 --out runs/demo --export
+# The whole raw path: raw Criteo-format rows from the synthetic teacher -> convert (7 days:
+# 6 train, the 7th halved into val and test) -> DLRM and DCN side by side -> the best of
+# each exported for TF Serving under saved_models/<model>/<version>/ -> one prediction from
+# the DLRM export, loaded by plain TensorFlow through its raw serving_default signature.
+DEMO := runs/demo
+$(DEMO)/raw/train.txt: | $(VENV)/.installed
+	$(PY) -m tfdlrm generate --format kaggle --rows 350000 --table-rows 50000 --seed 0 --out $@ --overwrite
+
+$(DEMO)/data/manifest.json: $(DEMO)/raw/train.txt
+	$(PY) -m tfdlrm convert --input $< --format kaggle --halve-held-out --min-frequency 2 \
+	    --out $(DEMO)/data --overwrite
+
+demo: $(VENV)/.installed $(DEMO)/data/manifest.json
+	$(PY) -m tfdlrm compare --models dlrm,dcn --data $(DEMO)/data --preset kaggle --epochs 1 \
+	    --batch-size 256 --optimizers adagrad --lr 0.02 --out $(DEMO) --export
+	$(PY) -m tools.predict_raw saved_models/dlrm $(DEMO)/raw/train.txt
 
 # TEST_WORKERS=1 runs the suite in one process (plain `pytest` does too).
 TEST_WORKERS ?= 2

@@ -155,13 +155,13 @@ class SyntheticData:
         self.intercept = self._calibrate_intercept()
 
     # -- the world -------------------------------------------------------------
-    def _sample(self, batch_size: int, seed):
-        s_dense, s_zero, s_ids, s_label = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    def _draw(self, batch_size: int, s_dense, s_zero, s_ids):
+        """Raw counts (float64 [batch, num_dense], about 20% zeros) and ids (int64 [batch, tables])."""
         tables = len(self.table_rows)
         normal = tf.random.stateless_normal([batch_size, self.num_dense], seed=s_dense, dtype=tf.float64)
         counts = tf.floor(tf.exp(self.dense_mu + self.dense_sigma * normal))
         zero = tf.random.stateless_uniform([batch_size, self.num_dense], seed=s_zero, dtype=tf.float64) < 0.2
-        dense = tf.cast(tf.math.log1p(tf.where(zero, tf.zeros_like(counts), counts)), tf.float32)
+        counts = tf.where(zero, tf.zeros_like(counts), counts)
 
         rows = tf.constant(self.table_rows, tf.float64)[None, :]
         s = tf.constant(self.exponents, tf.float64)[None, :]
@@ -173,22 +173,48 @@ class SyntheticData:
         rank = tf.maximum(rank, 0)
         table_rows = tf.constant(self.table_rows, tf.int64)[None, :]
         ids = tf.math.floormod(rank * self.multipliers[None, :] + self.offsets[None, :], table_rows)
+        return counts, ids
 
+    def _sample(self, batch_size: int, seed):
+        s_dense, s_zero, s_ids, s_label = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        counts, ids = self._draw(batch_size, s_dense, s_zero, s_ids)
+        dense = tf.cast(tf.math.log1p(counts), tf.float32)
         logit = self._teacher_logit(dense, ids)
         p = tf.sigmoid(logit)
         labels = tf.cast(tf.random.stateless_uniform([batch_size, 1], seed=s_label) < p, tf.float32)
         return dense, ids, labels, p
 
-    def _teacher_logit(self, dense, ids):
+    def raw_sample(self, batch_size: int, seed, dense_missing: float = 0.0, categorical_missing: float = 0.0):
+        """Raw rows as Criteo's logs hold them (``tfdlrm generate``), as numpy: ``(counts int64
+        [batch, num_dense], ids int64 [batch, tables], dense_missing bool, categorical_missing bool,
+        labels float32 [batch], p float32 [batch])``.  The teacher sees what the converter makes
+        of the row: a missing count as 0 (log1p(0)), a missing categorical value as nothing (its
+        vector and bias left out)."""
+        s_dense, s_zero, s_ids, s_label, s_dm, s_cm = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
+        counts, ids = self._draw(batch_size, s_dense, s_zero, s_ids)
+        d_miss = tf.random.stateless_uniform([batch_size, self.num_dense], seed=s_dm) < dense_missing
+        c_miss = tf.random.stateless_uniform([batch_size, len(self.table_rows)], seed=s_cm) < categorical_missing
+        counts = tf.where(d_miss, tf.zeros_like(counts), counts)
+        dense = tf.cast(tf.math.log1p(counts), tf.float32)
+        p = tf.sigmoid(self._teacher_logit(dense, ids, present=tf.logical_not(c_miss)))[:, 0]
+        labels = tf.cast(tf.random.stateless_uniform([batch_size], seed=s_label) < p, tf.float32)
+        return (tf.cast(counts, tf.int64).numpy(), ids.numpy(), d_miss.numpy(), c_miss.numpy(), labels.numpy(),
+                p.numpy())
+
+    def _teacher_logit(self, dense, ids, present=None):
         t_index = tf.math.floormod(ids, self.teacher_rows[None, :]) + self.teacher_offsets[None, :]
         vectors = tf.gather(tf.constant(self.teacher_vectors), t_index)  # [batch, tables, k]
+        bias = tf.gather(tf.constant(self.teacher_bias), t_index)  # [batch, tables]
+        if present is not None:  # raw rows: a missing value contributes nothing
+            vectors = vectors * tf.cast(present, tf.float32)[:, :, None]
+            bias = bias * tf.cast(present, tf.float32)
         centred = (dense - 1.5) / 1.5
         dense_vec = tf.matmul(centred, self.dense_projection)[:, None, :]  # [batch, 1, k]
         all_vectors = tf.concat([dense_vec, vectors], axis=1)
         total = tf.reduce_sum(all_vectors, axis=1)
         # sum_{i<j} <v_i, v_j> = (|sum v|^2 - sum |v|^2) / 2
         pairwise = 0.5 * (tf.reduce_sum(total * total, -1) - tf.reduce_sum(all_vectors * all_vectors, [1, 2]))
-        linear = tf.reduce_sum(tf.gather(tf.constant(self.teacher_bias), t_index), axis=1)
+        linear = tf.reduce_sum(bias, axis=1)
         linear += tf.linalg.matvec(centred, tf.constant(self.dense_weights))
         return (pairwise + linear + self.intercept)[:, None]
 

@@ -133,6 +133,15 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tfdlrm.pipelines.raw import GenerateSpec, generate
+
+    generate(GenerateSpec(out=args.out, rows=args.rows, format=args.format, seed=args.seed,
+                          table_rows=args.table_rows, dense_missing=args.missing, categorical_missing=args.missing,
+                          gzip=args.gzip, overwrite=args.overwrite, progress=args.progress))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.features:
         return _convert_tabular(args)

@@ -25,6 +25,7 @@ from tfdlrm.cli.commands import (
     cmd_compare,
     cmd_convert,
     cmd_export,
+    cmd_generate,
     cmd_plan,
     cmd_presets,
     cmd_server,
@@ -85,6 +86,31 @@ def add_bench_train_parser(benches) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     add_model_args(p, preset="kaggle")
     p.set_defaults(func=cmd_bench_train)
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="write raw Criteo-format rows (TSV) from the synthetic teacher, any size",
+        description="Write raw rows as Criteo's logs hold them (label, 13 integer counts, 26 8-hex values; "
+                    "some missing) from the synthetic teacher of --data synthetic, deterministic by --seed. "
+                    "Kaggle: one file (gzip when it ends in .gz) that convert splits into 7 days; terabyte: "
+                    "day_0 .. day_23 in the --out directory. A sidecar FILE.json (terabyte: "
+                    "generated.json) records the teacher's exact AUC on the held-out day.")
+    p.add_argument("--format", choices=("kaggle", "terabyte"), default="kaggle", help="layout (default: kaggle)")
+    p.add_argument("--rows", type=positive_int, required=True, help="rows to write in all")
+    p.add_argument("--out", required=True, help="kaggle: the file (FILE or FILE.gz); terabyte: a directory")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the world and the rows (default: 0)")
+    p.add_argument("--table-rows", type=positive_int, default=100_000,
+                   help="distinct ids per categorical feature in the world (default: 100000)")
+    p.add_argument("--missing", type=fraction, default=0.05,
+                   help="fraction of dense and categorical values left empty (default: 0.05)")
+    p.add_argument("--gzip", action="store_true", help="terabyte: write day_N.gz")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument("--progress", action="store_true", default=None,
+                          help="show the progress line even when stderr is not a terminal")
+    progress.add_argument("--quiet", dest="progress", action="store_false", help="no progress line")
+    p.set_defaults(func=cmd_generate)
 
 
 def add_convert_parser(sub) -> None:
@@ -249,6 +275,7 @@ def build_parser() -> Parser:
     add_model_args(p)
     p.set_defaults(func=cmd_plan)
 
+    add_generate_parser(sub)
     add_convert_parser(sub)
     add_export_parser(sub)
     bench = add_bench_parser(sub)
