@@ -1,4 +1,8 @@
-"""Raw TSV given to ``train --data``: converted once into a cache keyed by its contents and options."""
+"""Raw TSV given to ``train --data``: converted once into a cache keyed by its contents and options.
+
+One process converts an entry at a time (a lock beside it, ``.NAME-KEY.lock``); another
+asking for the same entry meanwhile waits and then reuses it.  The conversion deletes the
+partial directories of killed conversions into the entry first (``convert``)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tfdlrm.errors import UserError
+from tfdlrm.locks import acquire
 from tfdlrm.pipelines.convert import ConvertSpec, convert
 from tfdlrm.pipelines.manifest import MANIFEST, SCHEMA_VERSION
 from tfdlrm.pipelines.tsv import check_input
@@ -69,11 +74,16 @@ def cached_conversion(train: str, eval_data: Optional[str] = None, cache_dir: Op
     except OSError as e:
         raise UserError(f"cannot create the cache directory {out.parent}: {e.strerror or e} "
                         f"(choose another with --cache-dir or ${CACHE_ENV})") from None
-    try:
-        result = convert(spec)
-    except UserError:
-        if (out / MANIFEST).is_file():  # another process converted it meanwhile
+    waiting = lambda who: log(f"waiting for {who}, which converts the same data into {out}")  # noqa: E731
+    with acquire(out.parent / f".{out.name}.lock", what=f"the cache entry {out}", wait=True, on_wait=waiting):
+        if (out / MANIFEST).is_file():  # converted by the process waited for
+            log(f"using the converted cache of {train}: {out}")
             return out
-        raise
+        try:
+            result = convert(spec)
+        except UserError:
+            if (out / MANIFEST).is_file():  # another process converted it meanwhile
+                return out
+            raise
     log(result.summary())
     return out

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from tfdlrm.pipelines.vocabulary import (
     check_min_frequency,
 )
 from tfdlrm.presets import BAD_ROW_POLICIES, FORMATS
+from tfdlrm.publish import make_partial, recover_beside, replace_dir
 
 BAD_ROW_EXAMPLES = 20  # kept in the manifest
 
@@ -251,12 +251,11 @@ def convert(spec: ConvertSpec, log: Callable[[str], None] = print) -> Conversion
     spec.check()
     t0 = time.perf_counter()
     out = Path(spec.out)
-    _check_out(out, spec.overwrite)
+    _check_out(out, spec.overwrite, log)
     progress = Progress(spec.progress)
     files = plan_inputs(spec, progress)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        partial.mkdir(parents=True)
+    try:  # .NAME.partial-PID-HEX, locked while written: the next run deletes it if this process dies
+        partial, lock = make_partial(out.parent, out.name, lock=True, parents=True)
     except OSError as e:
         raise UserError(f"cannot create the output directory {out}: {e.strerror or e}") from None
     try:
@@ -264,9 +263,11 @@ def convert(spec: ConvertSpec, log: Callable[[str], None] = print) -> Conversion
             mapping, manifest = _convert_files(spec, files, partial, pool, progress)
         mapping.save_vocabulary(partial)
         (partial / MANIFEST).write_text(manifest_json(manifest))
+        lock.release()  # removes .lock, no part of the dataset (the pid in the name still says we live)
         _replace(partial, out, spec.overwrite)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        lock.release()
         if isinstance(e, OSError) or type(e).__module__.startswith("tensorflow"):  # a disk full, a file gone
             raise UserError(f"cannot convert into {out}: {io_error_text(e)} (nothing was written to {out})") from None
         raise
@@ -275,7 +276,8 @@ def convert(spec: ConvertSpec, log: Callable[[str], None] = print) -> Conversion
     return ConversionResult(str(out), manifest, seconds, rows_read)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, log: Callable[[str], None] = lambda line: None) -> None:
+    recover_beside(out, lambda d: (d / MANIFEST).is_file(), aside="old", log=log)  # killed conversions' leftovers
     if out.exists():
         if not out.is_dir():
             raise UserError(f"output {out} exists and is not a directory")
@@ -287,19 +289,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _replace(partial: Path, out: Path, overwrite: bool) -> None:
-    """Put the finished dataset at ``out`` (replacing an old one only when allowed)."""
-    old = None
-    if out.exists():
-        if any(out.iterdir()):
-            if not overwrite:
-                raise UserError(f"output directory {out} appeared during the conversion; not replacing it")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        else:
-            out.rmdir()
-    os.rename(partial, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """The finished dataset to ``out``: a rename, or one exchange with the old one (publish.replace_dir)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"output directory {out} appeared during the conversion; not replacing it")
+        return replace_dir(partial, out, partial.with_name(partial.name.replace(".partial-", ".old-", 1)))
+    os.rename(partial, out)  # over an empty directory too
 
 
 def _in_order(pool: ThreadPoolExecutor, jobs, work: Callable, depth: int):
@@ -348,7 +343,8 @@ def _convert_files(spec: ConvertSpec, files: list[InputFile], directory: Path, p
             buckets = math.ceil(sum(_estimated_rows(f, split) for f in files) / SHUFFLE_BUCKET_ROWS)
             sinks[split] = Spool(directory, split, STAGED_WORDS if vocabulary else ROW_WORDS, shuffle, buckets,
                                  spec.seed)
-    counters = [ValueCounter() for _ in range(NUM_CATEGORICAL)] if vocabulary else None
+    counters = ([ValueCounter(spill_dir=directory / f".counts-{f:02d}") for f in range(NUM_CATEGORICAL)]
+                if vocabulary else None)  # memory bounded: counts spill to disk past ValueCounter.MAX_ENTRIES
     counts = {s: SplitCounts() for s in splits}
     bad_rows = BadRows(spec.on_bad_row)
     sources = []
@@ -388,7 +384,10 @@ def _convert_files(spec: ConvertSpec, files: list[InputFile], directory: Path, p
             raise UserError(f"the {split} split has no valid rows{why}: nothing to train or evaluate on")
     if vocabulary:
         threshold = spec.min_frequency if spec.min_frequency is not None else 1
-        mapping = CategoricalMapping.from_counts([c.result() for c in counters], threshold)
+        mapping = CategoricalMapping.from_counts([c.result(threshold) for c in counters], threshold)
+        for counter in counters:
+            if counter.spill_dir.exists():
+                shutil.rmtree(counter.spill_dir)
         mapping.prepare()
     spooled = {s: sink for s, sink in sinks.items() if isinstance(sink, Spool)}
     if spooled:
@@ -442,6 +441,7 @@ def _manifest(spec: ConvertSpec, mapping: CategoricalMapping, writers: dict, cou
             "compression": None,
         },
         "mapping": mapping.manifest_entry(),
+        "vocabulary_files": mapping.vocabulary_records(),  # what save_vocabulary writes: path, bytes, sha256
         "table_sizes": table_sizes,
         "splits": {s: {**counts[s].to_dict(), "files": writers[s].files} for s in writers},
         "sources": sources,

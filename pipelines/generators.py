@@ -190,6 +190,14 @@ class SyntheticData:
         labels float32 [batch], p float32 [batch])``.  The teacher sees what the converter makes
         of the row: a missing count as 0 (log1p(0)), a missing categorical value as nothing (its
         vector and bias left out)."""
+        key = (batch_size, float(dense_missing), float(categorical_missing))
+        if getattr(self, "_raw_functions", None) is None:
+            self._raw_functions = {}
+        if key not in self._raw_functions:  # one graph a shape: its ops run in parallel
+            self._raw_functions[key] = tf.function(lambda s: self._raw_sample(*key, s))
+        return tuple(t.numpy() for t in self._raw_functions[key](tf.convert_to_tensor(seed, tf.int64)))
+
+    def _raw_sample(self, batch_size: int, dense_missing: float, categorical_missing: float, seed):
         s_dense, s_zero, s_ids, s_label, s_dm, s_cm = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
         counts, ids = self._draw(batch_size, s_dense, s_zero, s_ids)
         d_miss = tf.random.stateless_uniform([batch_size, self.num_dense], seed=s_dm) < dense_missing
@@ -198,8 +206,7 @@ class SyntheticData:
         dense = tf.cast(tf.math.log1p(counts), tf.float32)
         p = tf.sigmoid(self._teacher_logit(dense, ids, present=tf.logical_not(c_miss)))[:, 0]
         labels = tf.cast(tf.random.stateless_uniform([batch_size], seed=s_label) < p, tf.float32)
-        return (tf.cast(counts, tf.int64).numpy(), ids.numpy(), d_miss.numpy(), c_miss.numpy(), labels.numpy(),
-                p.numpy())
+        return tf.cast(counts, tf.int64), ids, d_miss, c_miss, labels, p
 
     def _teacher_logit(self, dense, ids, present=None):
         t_index = tf.math.floormod(ids, self.teacher_rows[None, :]) + self.teacher_offsets[None, :]

@@ -7,21 +7,33 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tfdlrm.errors import UserError
+from tfdlrm.errors import UserError, io_error_text
 from tfdlrm.pipelines.batching import batches_per_epoch, rebatch
 from tfdlrm.pipelines.features import NUM_DENSE
-from tfdlrm.pipelines.manifest import ROW_WORDS, read_manifest, row_layout
+from tfdlrm.pipelines.manifest import (
+    RECORD_OVERHEAD,
+    ROW_WORDS,
+    check_vocabulary,
+    dataset_file,
+    read_manifest,
+    record_problem,
+    row_layout,
+    shard_entries,
+    verify_shard,
+)
 
 SHUFFLE_BLOCKS = 32
 WINDOW_BLOCKS = 8
 READ_BUFFER = 4 << 20
 INTERLEAVE_FILES = 4
+FIX = "convert the data again (or restore the file from a copy)"
 
 
 def decode_block(record: tf.Tensor, words: int = ROW_WORDS) -> tf.Tensor:
@@ -83,6 +95,85 @@ class CriteoDataset:
             return self.manifest["splits"][split]
         except KeyError:
             raise UserError(f"{self.path} has no {split!r} split (it has: {', '.join(self.splits)})") from None
+
+    # -- integrity (docs/data.md, Criteo data, **Integrity**) ------------------------------
+    def verify(self, splits: Optional[Sequence[str]] = None, vocabulary: bool = False) -> list[str]:
+        """Check every shard of ``splits`` (default: all) in full, and with ``vocabulary`` the
+        vocabulary files: sha256 against the manifest's (a dataset converted before they were
+        recorded: every record header, and every record's TFRecord checksum, by reading it).
+        Raises a UserError naming the first damaged file (and record, where it can tell);
+        returns notes on what could not be checked."""
+        splits = list(self.splits if splits is None else splits)
+        for split in splits:
+            self._split(split)
+        entries = shard_entries(self.manifest, splits)
+        for split, entry in entries:
+            problem = self.shard_problem(entry, split)
+            if problem:
+                raise UserError(f"{problem}; {FIX}")
+        notes = []
+        if any(entry.get("sha256") is None for _, entry in entries):
+            notes.append(f"{self.path} was converted without sha256 checksums (by an older tfdlrm): its "
+                         f"{'/'.join(splits)} shards were checked by their TFRecord checksums instead; "
+                         f"convert again to record them")
+        if vocabulary:
+            records, verified = check_vocabulary(self.path, self.manifest)
+            if records and not verified:
+                notes.append(f"{self.path} has no sha256 of its vocabulary files (converted by an older tfdlrm): "
+                             f"they were not checked")
+        return notes
+
+    def shard_problem(self, entry: dict, split: str) -> Optional[str]:
+        """What is wrong with one shard, as a sentence naming it (and the record, where the
+        damage is in one), or None: present, at its size, its sha256 the manifest's (where
+        recorded), every record header and every record's TFRecord checksum right."""
+        file = dataset_file(self.path, entry["path"], "a shard")
+        name = f"{file} ({split} split)"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} is damaged: it has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+        differs = verify_shard(self.path, entry)
+        if entry.get("sha256") is not None and differs is None:
+            return None
+        bytes_per_row = 4 * self.words
+        layout = record_problem(file, entry, self.rows_per_block, bytes_per_row, every=True)
+        if layout:
+            return f"{name} {layout}"
+        try:
+            tf.data.TFRecordDataset(str(file)).reduce(np.int64(0), lambda n, _: n + 1)
+        except tf.errors.DataLossError as e:
+            return f"{name} is damaged: {self._record_at(e, entry, bytes_per_row)}"
+        except tf.errors.OpError as e:
+            return f"{name} cannot be read: {read_error_text(e)}"
+        if differs:
+            return (f"{name} {differs}, though its records read as valid: a shard of another dataset, or "
+                    f"edited after conversion")
+        return None
+
+    def _record_at(self, error: tf.errors.OpError, entry: dict, bytes_per_row: int) -> str:
+        """Which record (and rows of the file) a TFRecord DataLossError is in."""
+        message = read_error_text(error)
+        found = re.search(r"record at (\d+)", message)
+        if not found:
+            return f"a record fails its checksum ({message})"
+        index = int(found.group(1)) // (RECORD_OVERHEAD + self.rows_per_block * bytes_per_row)
+        first = index * self.rows_per_block
+        last = min(first + self.rows_per_block, entry["rows"])
+        return (f"record {index + 1:,} of {entry['blocks']:,} (rows {first + 1:,}-{last:,} of the file) fails its "
+                f"checksum: {message}")
+
+    def damage(self, error: BaseException) -> UserError:
+        """The one-line error for a TFRecord read that failed (a ``DataLossError`` from tf.data,
+        which may not name the file): the shard and record at fault, found by checking the
+        shards now, the held-out splits first."""
+        order = [s for s in self.splits if s != "train"] + [s for s in self.splits if s == "train"]
+        for split, entry in shard_entries(self.manifest, order):
+            problem = self.shard_problem(entry, split)
+            if problem:
+                return UserError(f"{problem}; {FIX}")
+        return UserError(f"a file could not be read ({read_error_text(error)}), though every shard of {self.path} "
+                         f"matches its manifest now")
 
     def _block_rows(self, split: str) -> list[int]:
         """Rows of every block of the split, in file order."""
@@ -147,6 +238,14 @@ class CriteoDataset:
         options = tf.data.Options()
         options.deterministic = deterministic
         return data.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def read_error_text(error: BaseException) -> str:
+    """The message of a TensorFlow read error without the graph trace around it
+    (``corrupted record at 20524``)."""
+    text = getattr(error, "message", None) or str(error)
+    found = re.search(r"(corrupted|truncated) record at \d+", text)
+    return found.group(0) if found else io_error_text(error)
 
 
 def _permute(rows: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

@@ -11,6 +11,7 @@ and read from there afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -68,6 +69,14 @@ class DataSource:
     def describe(self) -> dict:
         """What to record in a run's ``run.json`` to say which data it saw."""
         raise NotImplementedError
+
+    # Lines to log before training: what the checks of the data could not check.
+    notes: tuple = ()
+
+    def damage(self, error: BaseException) -> Optional[UserError]:
+        """The UserError for a damaged file met while reading (a ``tf.errors.DataLossError``),
+        naming it where the source can tell; None: not a data file of this source."""
+        return None
 
 
 class GeneratedSource(DataSource):
@@ -167,13 +176,18 @@ class CriteoSource(DataSource):
 
     The training split trains; the held-out ``eval_split`` (``test``) evaluates; a
     ``val`` split (``convert --halve-held-out``, ``--val``, ``--val-fraction``) selects.
+    Opening checks the manifest and every shard's size and record layout, and the held-out
+    shards in full (sha256; small, and otherwise first read after a whole epoch of training);
+    ``verify_data`` checks every shard and vocabulary file in full (``train --verify-data``).
     """
 
     def __init__(self, path: str | os.PathLike, config: ModelConfig, eval_split: str = "test",
-                 raw_files: Optional[list] = None):
+                 raw_files: Optional[list] = None, verify_data: bool = False):
         from tfdlrm.pipelines.reader import CriteoDataset
 
         self.dataset = CriteoDataset(path)
+        held_out = [s for s in self.dataset.splits if s != "train"]
+        self.notes = tuple(self.dataset.verify(None if verify_data else held_out, vocabulary=verify_data))
         self.name = f"criteo {self.dataset.path}"
         if eval_split == "test" and "test" not in self.dataset.splits:
             if "val" not in self.dataset.splits:
@@ -213,6 +227,9 @@ class CriteoSource(DataSource):
         """Any split of the dataset (``train``, ``val``, ``test``), in file order unless ``seed`` is given."""
         return self.dataset.dataset(split, batch_size, **kwargs)
 
+    def damage(self, error: BaseException) -> Optional[UserError]:
+        return self.dataset.damage(error)
+
     def describe(self) -> dict:
         manifest = self.dataset.manifest
         out = {
@@ -238,14 +255,16 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
               data_seed: int = 0, dense_distribution: str = "uniform", variable_bags: bool = False,
               eval_data: Optional[str] = None, cache_dir: Optional[str] = None,
               hash_buckets: Optional[int] = None, min_frequency: Optional[int] = None,
-              val_data: Optional[str] = None, val_fraction: Optional[float] = None) -> DataSource:
+              val_data: Optional[str] = None, val_fraction: Optional[float] = None,
+              verify_data: bool = False) -> DataSource:
     """The data named by ``spec``: ``random``, ``synthetic``, a converted dataset
     directory, or a raw Criteo TSV file (with ``eval_data`` its held-out file).
 
     For generated data the table sizes come from ``config`` (``--rows`` changes
     them); for Criteo data they come from the dataset's manifest and override the
     preset's.  ``cache_dir``, ``hash_buckets`` and ``min_frequency`` apply to raw
-    files (how and where they are converted).
+    files (how and where they are converted).  ``verify_data``: check every shard's and
+    vocabulary file's sha256 before use (:class:`CriteoSource`).
     """
     raw_options = {"--cache-dir": cache_dir, "--hash-buckets": hash_buckets, "--min-frequency": min_frequency,
                    "--val-data": val_data, "--val-fraction": val_fraction}
@@ -253,6 +272,8 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
         if eval_data is not None:
             raise UserError("--eval-data applies to files only; generated data makes its own eval split")
         _refuse(raw_options, f"generated ({spec}) data")
+        if verify_data:
+            raise UserError(f"--verify-data checks converted datasets' files; generated ({spec}) data has none")
         if spec == "synthetic" and config.num_dense != CRITEO_DENSE:
             raise UserError(
                 f"synthetic data is Criteo-shaped ({CRITEO_DENSE} dense features) but preset "
@@ -268,7 +289,7 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
             raise UserError(f"--eval-data applies to raw TSV files; {spec} is a converted dataset with its own "
                             f"held-out split")
         _refuse(raw_options, f"a converted dataset ({spec})")
-        return CriteoSource(path, config)
+        return CriteoSource(path, config, verify_data=verify_data)
     if path.is_file():
         from tfdlrm.pipelines.cache import cached_conversion
 
@@ -279,11 +300,24 @@ def open_data(spec: str, config: ModelConfig, *, train_examples: int = 500_000, 
         converted = cached_conversion(spec, eval_data, cache_dir, hash_buckets, min_frequency,
                                       val_data=val_data, val_fraction=val_fraction)
         raw = [os.path.abspath(p) for p in (spec, eval_data, val_data) if p]
-        return CriteoSource(converted, config, raw_files=raw)
+        return CriteoSource(converted, config, raw_files=raw, verify_data=verify_data)
     raise UserError(
         f"unknown data {spec!r}: not random or synthetic, and no such file or directory "
         f"(give a converted Criteo dataset directory or a raw Criteo TSV file)"
     )
+
+
+@contextlib.contextmanager
+def damaged_data_named(source: DataSource):
+    """Inside: a ``tf.errors.DataLossError`` (a damaged record that tf.data met, reported
+    without its file) becomes ``source.damage(error)``, one line naming the file and record."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        error = source.damage(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _refuse(options: dict, what: str) -> None:

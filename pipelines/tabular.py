@@ -13,18 +13,15 @@ kind, as Criteo's.  See docs/data.md, "Your own features".
 from __future__ import annotations
 
 import collections
-import csv
 import datetime
-import gzip
 import hashlib
 import os
 import shutil
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -36,6 +33,7 @@ from tfdlrm.pipelines.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
     SplitWriter,
+    bytes_digest,
     manifest_json,
 )
 from tfdlrm.pipelines.progress import Progress
@@ -47,13 +45,11 @@ from tfdlrm.pipelines.spec import (
     dense_np,
     vocabulary_path,
 )
+from tfdlrm.pipelines.table_reader import Chunk, TableReader
 from tfdlrm.pipelines.tsv import BAD_KINDS, is_gzip
 from tfdlrm.presets import BAD_ROW_POLICIES
 
-CHUNK_ROWS = 1 << 15
 BAD_ROW_EXAMPLES = 20
-LABELS = {"0": 0.0, "1": 1.0}
-FIELD_LIMIT = 1 << 20  # bytes a field (csv's default is 128 KiB)
 
 
 @dataclass
@@ -107,168 +103,6 @@ class Counts:
     def to_dict(self) -> dict:
         return {"rows_read": self.read, "rows_written": self.written, "rows_rejected": self.rejected,
                 "rejected_by_kind": dict(self.rejected_by_kind), "truncated_bags": dict(self.truncated_bags)}
-
-
-@dataclass
-class Chunk:
-    """Rows of one file: the good rows' columns (strings) and the bad rows, explained."""
-
-    first_row: int  # data rows of the file before this chunk
-    rows: int  # data rows (lines with content, blank ones included) in the chunk
-    columns: dict  # name -> np.ndarray of str (good rows only)
-    label: np.ndarray
-    dense: np.ndarray  # float32 [n, num_dense] raw (NaN = missing)
-    good: np.ndarray  # int64 chunk-relative index of each good row
-    bad: list  # (line, chunk-relative row, kind, reason)
-
-
-def _open(path: str):
-    try:
-        if is_gzip(path):
-            return gzip.open(path, "rt", encoding="utf-8", newline="")
-        return open(path, "r", encoding="utf-8", newline="")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def delimiter_of(path: str, spec: FeatureSpec, header_line: str) -> str:
-    if spec.delimiter is not None:
-        return spec.delimiter
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".csv"):
-        return ","
-    if name.endswith((".tsv", ".txt", ".tab")):
-        return "\t"
-    return "\t" if "\t" in header_line else ","
-
-
-class TableReader:
-    """One CSV/TSV file with a header, read in chunks of rows, checked against the spec."""
-
-    def __init__(self, path: str, spec: FeatureSpec):
-        self.path, self.spec = path, spec
-        with _open(path) as f:
-            try:
-                first = f.readline()
-            except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read {path}: {_why(e)}") from None
-        self.delimiter = delimiter_of(path, spec, first)
-        try:
-            header = next(csv.reader([first], delimiter=self.delimiter), [])
-        except csv.Error as e:
-            raise UserError(f"{path} line 1 (the header): {e}") from None
-        header = [h.strip() for h in header]
-        if not any(header):
-            raise UserError(f"{path} is empty or has no header line (the first line must name the columns)")
-        duplicates = sorted({h for h in header if header.count(h) > 1})
-        if duplicates:
-            raise UserError(f"{path}: the header names {', '.join(duplicates)} more than once")
-        missing = [c for c in spec.columns if c not in header]
-        if missing:
-            raise UserError(f"{path} has no column(s) {', '.join(missing)} that the feature spec names "
-                            f"(its header: {', '.join(header[:20])}{' ...' if len(header) > 20 else ''}; "
-                            f"delimiter {self.delimiter!r})")
-        self.header = header
-        self.index = {c: header.index(c) for c in spec.columns}
-        self.ignored = [h for h in header if h not in self.index]
-        self.rows = 0
-
-    def chunks(self, on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[Chunk]:
-        csv.field_size_limit(FIELD_LIMIT)
-        width = len(self.header)
-        dense_names = [c.name for c in self.spec.dense]
-        categorical = [c.name for c in self.spec.categorical]
-        with _open(self.path) as f:
-            raw = f.buffer if hasattr(f, "buffer") else None
-            reader = csv.reader(f, delimiter=self.delimiter, strict=True,
-                                quoting=csv.QUOTE_NONE if self.delimiter == "\t" else csv.QUOTE_MINIMAL)
-            try:
-                next(reader)  # the header
-                done = False
-                while not done:
-                    records, lines = [], []
-                    try:
-                        for record in reader:
-                            records.append(record)
-                            lines.append(reader.line_num)
-                            if len(records) >= CHUNK_ROWS:
-                                break
-                        else:
-                            done = True
-                    except csv.Error as e:
-                        # A broken quote: the rest of the file cannot be split into rows.
-                        raise UserError(f"{self.path} line {reader.line_num:,}: {e} (a quote is not closed; "
-                                        f"the rest of the file cannot be read as rows)") from None
-                    if not records:
-                        break
-                    if raw is not None:
-                        try:
-                            on_bytes(raw.tell())
-                        except (OSError, ValueError):
-                            pass
-                    yield self._chunk(records, lines, width, dense_names, categorical)
-            except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-                raise UserError(f"cannot read {self.path}: {_why(e)}") from None
-
-    def _chunk(self, records, lines, width, dense_names, categorical) -> Chunk:
-        first = self.rows
-        self.rows += len(records)
-        bad, good_records, good = [], [], []
-        for i, record in enumerate(records):
-            if not record:
-                bad.append((lines[i], i, "blank_line", "blank line"))
-            elif len(record) != width:
-                bad.append((lines[i], i, "field_count", f"{len(record)} fields, the header has {width}"))
-            else:
-                good_records.append(record)
-                good.append(i)
-        columns = {}
-        if good_records:
-            for name, j in self.index.items():
-                columns[name] = np.array([r[j] for r in good_records], dtype=object)
-        else:
-            columns = {name: np.zeros(0, dtype=object) for name in self.index}
-        good = np.asarray(good, np.int64)
-        ok = np.ones(len(good), bool)
-        reasons: dict = {}
-        label_text = columns[self.spec.label]
-        label = np.array([LABELS.get(v, np.nan) for v in label_text], np.float32)
-        for k in np.flatnonzero(np.isnan(label)):
-            ok[k] = False
-            reasons.setdefault(k, ("label", f"label {self.spec.label} is {label_text[k]!r}, not 0 or 1"))
-        dense = np.zeros((len(good), len(dense_names)), np.float32)
-        import pandas as pd
-
-        for d, name in enumerate(dense_names):
-            text = columns[name]
-            values = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(np.float64)
-            broken = np.isnan(values) & np.array([v.strip().lower() not in ("", "nan") for v in text], bool)
-            for k in np.flatnonzero(broken):
-                ok[k] = False
-                reasons.setdefault(k, ("dense", f"{name} is {text[k]!r}, not a number"))
-            with np.errstate(over="ignore", invalid="ignore"):
-                dense[:, d] = values.astype(np.float32)
-        for name in categorical:
-            text = columns[name]
-            broken = np.array([("\n" in v) or ("\r" in v) for v in text], bool)
-            for k in np.flatnonzero(broken):
-                ok[k] = False
-                reasons.setdefault(k, ("categorical", f"{name} holds a line break"))
-        for k in np.flatnonzero(~ok):
-            kind, reason = reasons[k]
-            bad.append((lines[good[k]], int(good[k]), kind, reason))
-        bad.sort()
-        keep = np.flatnonzero(ok)
-        return Chunk(first, len(records), {n: c[keep] for n, c in columns.items()}, label[keep], dense[keep],
-                     good[keep], bad)
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8 text ({e.reason} at byte {e.start})"
-    if isinstance(e, EOFError):
-        return "the gzip stream ends early (a truncated file)"
-    return io_error_text(e) if isinstance(e, OSError) else str(e)
 
 
 def _split_of(spec: TabularSpec, role: str, row: np.ndarray, train_rows: Optional[int]) -> np.ndarray:
@@ -353,7 +187,7 @@ def _convert(spec: TabularSpec, features: FeatureSpec, roles, readers, directory
         offset += reader.rows
         progress.next_file()
     progress.done()
-    entry = _write_vocabulary(features, counters, longest, directory)
+    entry, vocabulary_files = _write_vocabulary(features, counters, longest, directory)
     transform = TabularFeatures(entry, str(directory))
 
     # Pass 2: map every row, write shards.
@@ -418,7 +252,8 @@ def _convert(spec: TabularSpec, features: FeatureSpec, roles, readers, directory
         if c.written == 0:
             why = f" ({c.rejected:,} bad rows skipped)" if c.rejected else ""
             raise UserError(f"the {split} split has no valid rows{why}: nothing to train or evaluate on")
-    return _manifest(spec, features, entry, writers, counts, examples, sources, words)
+    return {**_manifest(spec, features, entry, writers, counts, examples, sources, words),
+            "vocabulary_files": vocabulary_files}
 
 
 def _stop_at_bad(spec: TabularSpec, path: str, chunk: Chunk) -> None:
@@ -431,9 +266,10 @@ def _estimated(spec: TabularSpec) -> int:
     return sum(os.path.getsize(p) for p in spec.train) // 64
 
 
-def _write_vocabulary(features: FeatureSpec, counters, longest, directory: Path) -> dict:
-    """The manifest's ``features`` entry; vocabulary files written (most frequent first)."""
-    columns = []
+def _write_vocabulary(features: FeatureSpec, counters, longest, directory: Path) -> tuple[dict, list]:
+    """The manifest's ``features`` entry and ``vocabulary_files`` (path, bytes, sha256 of each
+    file); vocabulary files written (most frequent first)."""
+    columns, files = [], []
     for column, counter, bag in zip(features.categorical, counters, longest):
         info: dict = {"name": column.name, "kind": column.kind, "multi_hot": column.multi_hot}
         if column.kind == "hash":
@@ -443,14 +279,16 @@ def _write_vocabulary(features: FeatureSpec, counters, longest, directory: Path)
             kept = sorted((v for v, n in counter.items() if n >= threshold), key=lambda v: (-counter[v], v))
             path = vocabulary_path(directory, column.name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(v + "\n" for v in kept), encoding="utf-8")
+            data = "".join(v + "\n" for v in kept).encode("utf-8")
+            path.write_bytes(data)
+            files.append({"path": path.relative_to(directory).as_posix(), **bytes_digest(data)})
             info.update(min_frequency=threshold, vocabulary_size=len(kept), distinct_values=len(counter),
                         table_size=len(kept) + 2)
         info["width"] = (column.max_ids or max(bag, 1)) if column.multi_hot else 1
         columns.append(info)
     return {"spec": features.to_dict(), "columns": columns,
             "ids": f"0 missing, {RARE_ID} rare or unseen (vocabulary), 2.. vocabulary by decreasing count; "
-                   f"hashed: 1 + fingerprint64 mod buckets; bags padded with -1"}
+                   f"hashed: 1 + fingerprint64 mod buckets; bags padded with -1"}, files
 
 
 def _rows(chunk: Chunk, features: FeatureSpec, entry: dict, transform: TabularFeatures):

@@ -12,7 +12,8 @@ Row grammar (anything else is a bad row)::
     C      = "" | hexdigit{8}            (either case)
 
 CRLF line endings are accepted: a CR right before the LF is dropped.  A CR
-anywhere else is an invalid character.  A blank line is a bad row (it is a line,
+anywhere else is an invalid character.  A UTF-8 byte order mark at the start of a
+file is dropped.  A blank line is a bad row (it is a line,
 counted as read and rejected).  A final line without LF is a row.
 
 Bad rows are found by the vectorised checks and then explained one at a time by
@@ -43,6 +44,7 @@ CHUNK_BYTES = 8 << 20
 MAX_LINE_BYTES = 1 << 20
 MAX_DENSE_DIGITS = 18
 NL = b"\n"
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, dropped at the start of a file
 PAD = 8  # guard bytes before and after a chunk, for the 8-byte loads
 
 BAD_KINDS = ("blank_line", "field_count", "label", "dense", "categorical")
@@ -292,10 +294,11 @@ class ChunkReader:
     ``first_line`` is the 0-based index of the chunk's first line in the file;
     ``pieces`` is a list of bytes objects whose concatenation is whole lines, each
     ending in LF (a final line without one gets it).  Plain or gzip, detected by
-    the magic bytes.  After a complete iteration ``lines`` and ``sha256`` (of the
-    bytes on disk; None with ``checksum=False``) are set.  ``on_bytes(n)`` is told
-    the bytes on disk consumed so far.  Truncated or corrupt gzip and lines over
-    1 MiB are UserErrors naming the file.
+    the magic bytes; a UTF-8 byte order mark at the start is dropped.  After a
+    complete iteration ``lines`` and ``sha256`` (of the bytes on disk; None with
+    ``checksum=False``) are set.  ``on_bytes(n)`` is told the bytes on disk consumed
+    so far.  Truncated or corrupt gzip (with the last whole line before the damage)
+    and lines over 1 MiB are UserErrors naming the file.
     """
 
     def __init__(self, path: str, chunk_bytes: int = CHUNK_BYTES,
@@ -310,18 +313,26 @@ class ChunkReader:
 
     def __iter__(self) -> Iterator[tuple[int, list]]:
         path = self.path
-        lines = 0
+        lines, started = 0, False
         gz = is_gzip(path)
         raw = _HashingReader(open(path, "rb", buffering=0), self.checksum)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else io.BufferedReader(raw, 1 << 20)
+        decoded: list = []  # the chunk being read, in pieces (gzip: what decompressed before an error)
         try:
             while True:
                 try:
-                    data = stream.read(self.chunk_bytes)
+                    data = _read(stream, self.chunk_bytes, gz, decoded)
+                    if not started and data.startswith(BOM):  # a byte order mark: no part of line 1
+                        data = data[len(BOM):] or _read(stream, self.chunk_bytes, gz, decoded)
+                    started = True
                     rest = stream.readline(MAX_LINE_BYTES) if data and not data.endswith(NL) else b""
                 except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                    what = "truncated" if isinstance(e, EOFError) else "corrupt"
-                    raise UserError(f"{path}: {what} gzip file, after line {lines:,} ({e})") from None
+                    after = lines + sum(piece.count(NL) for piece in decoded)  # whole lines that decompressed
+                    if isinstance(e, EOFError):
+                        raise UserError(f"{path}: truncated gzip file: its text breaks off after line {after:,} "
+                                        f"(the compressed stream ends early: {e})") from None
+                    raise UserError(f"{path}: corrupt gzip file: the data is damaged after line {after:,} "
+                                    f"(near compressed byte {raw.bytes_read:,}: {e})") from None
                 except OSError as e:
                     raise UserError(f"cannot read {path}: {e.strerror or e}") from None
                 if self.on_bytes is not None:
@@ -343,6 +354,24 @@ class ChunkReader:
             raw.close()
         self.lines = lines
         self.sha256 = raw.sha256.hexdigest() if raw.sha256 is not None else None
+
+
+def _read(stream, size: int, gz: bool, decoded: list) -> bytes:
+    """Up to ``size`` bytes of ``stream`` (fewer only at its end).  Gzip is read a piece at a
+    time into ``decoded`` (emptied first) so that the text before a truncation or damage
+    stays known."""
+    decoded.clear()
+    if not gz:
+        decoded.append(stream.read(size))
+        return decoded[0]
+    got = 0
+    while got < size:
+        piece = stream.read1(size - got)
+        if not piece:
+            break
+        decoded.append(piece)
+        got += len(piece)
+    return b"".join(decoded)
 
 
 def count_lines(path: str, on_bytes: Optional[Callable[[int], None]] = None) -> ChunkReader:

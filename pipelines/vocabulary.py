@@ -20,6 +20,7 @@ from tfdlrm.pipelines.features import (
     NUM_CATEGORICAL,
     RARE_ID,
 )
+from tfdlrm.pipelines.manifest import bytes_digest
 
 HASH_KINDS = ("hash", "vocabulary")
 VOCABULARY_DIR = "vocabulary"
@@ -114,14 +115,27 @@ class CategoricalMapping:
             "dense": DENSE_FORMULA,
         }
 
-    def save_vocabulary(self, dataset_dir: str | os.PathLike) -> None:
-        """Write ``vocabulary/C1.txt`` .. (vocabulary mode; nothing for hashing)."""
+    def save_vocabulary(self, dataset_dir: str | os.PathLike) -> list[dict]:
+        """Write ``vocabulary/C1.txt`` .. (vocabulary mode; nothing for hashing); returns
+        :meth:`vocabulary_records`."""
         if self.kind != "vocabulary":
-            return
+            return []
         folder = Path(dataset_dir) / VOCABULARY_DIR
         folder.mkdir(parents=True, exist_ok=True)
+        records = []
         for name, keys in zip(CATEGORICAL_NAMES, self.vocabulary):
-            (folder / f"{name}.txt").write_bytes(hex_lines(keys))
+            data = hex_lines(keys)
+            (folder / f"{name}.txt").write_bytes(data)
+            records.append({"path": f"{VOCABULARY_DIR}/{name}.txt", **bytes_digest(data)})
+        return records
+
+    def vocabulary_records(self) -> list[dict]:
+        """The manifest's ``vocabulary_files``: per file that :meth:`save_vocabulary` writes, its
+        path in the dataset, size and sha256 (empty for hashing)."""
+        if self.kind != "vocabulary":
+            return []
+        return [{"path": f"{VOCABULARY_DIR}/{name}.txt", **bytes_digest(hex_lines(keys))}
+                for name, keys in zip(CATEGORICAL_NAMES, self.vocabulary)]
 
     @classmethod
     def load(cls, dataset_dir: str | os.PathLike, entry: dict) -> "CategoricalMapping":
@@ -197,14 +211,26 @@ def parse_hex_lines(data: bytes, path) -> np.ndarray:
 
 
 class ValueCounter:
-    """Counts of uint32 values, for one feature: sorted runs, merged as they grow."""
+    """Counts of uint32 values, for one feature: sorted runs, merged as they grow.
+
+    Memory is bounded: once the runs in memory hold more than ``max_entries`` distinct
+    values, they are merged and spilled to ``spill_dir`` in :data:`PARTITIONS` files by the
+    values' top bits (Criteo's values are hashes, so the parts are about equal), and
+    :meth:`result` merges one part at a time, keeping only the values counted at least
+    ``threshold`` times.  Without ``spill_dir`` everything stays in memory.
+    """
 
     FLUSH = 1 << 20  # pending keys per feature before they are merged (12 MB)
+    MAX_ENTRIES = 1 << 22  # distinct values held in memory per feature before spilling (48 MB)
+    PARTITIONS = 16
 
-    def __init__(self):
+    def __init__(self, spill_dir: Optional[Path] = None, max_entries: Optional[int] = None):
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_size = 0
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.spill_dir = spill_dir
+        self.max_entries = max_entries or self.MAX_ENTRIES
+        self.spilled = 0  # runs written to disk
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """Add counted values (``keys`` unique)."""
@@ -223,13 +249,53 @@ class ValueCounter:
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             b, a = self.runs.pop(), self.runs.pop()
             self.runs.append(_merge_counts([a, b]))
+        if self.spill_dir is not None and sum(len(k) for k, _ in self.runs) > self.max_entries:
+            self._spill()
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(values, counts)``, values sorted and unique."""
+    def _spill(self) -> None:
+        keys, counts = _merge_counts(self.runs) if len(self.runs) > 1 else self.runs[0]
+        self.runs = []
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        bounds = np.searchsorted(keys, self._partition_starts())
+        for part in range(self.PARTITIONS):
+            lo, hi = bounds[part], bounds[part + 1]
+            if hi > lo:
+                with open(self.spill_dir / f"{part:02d}.keys", "ab") as f:
+                    f.write(keys[lo:hi].astype("<u4").tobytes())
+                with open(self.spill_dir / f"{part:02d}.counts", "ab") as f:
+                    f.write(counts[lo:hi].astype("<i8").tobytes())
+        self.spilled += 1
+
+    def _partition_starts(self) -> np.ndarray:
+        step = (1 << 32) // self.PARTITIONS
+        return np.array([p * step for p in range(self.PARTITIONS)] + [1 << 32], np.uint64)
+
+    def result(self, threshold: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, counts)`` of the values counted at least ``threshold`` times, values
+        sorted and unique."""
         self._flush()
+        if self.spilled:
+            if self.runs:
+                self._spill()
+            kept_keys, kept_counts = [], []
+            for part in range(self.PARTITIONS):  # one part in memory at a time, in value order
+                path = self.spill_dir / f"{part:02d}.keys"
+                if not path.exists():
+                    continue
+                keys = np.fromfile(path, "<u4")
+                counts = np.fromfile(self.spill_dir / f"{part:02d}.counts", "<i8")
+                keys, counts = _merge_counts([(keys, counts)])
+                keep = counts >= threshold
+                kept_keys.append(keys[keep].astype(np.uint32))
+                kept_counts.append(counts[keep])
+                path.unlink()
+                (self.spill_dir / f"{part:02d}.counts").unlink()
+            return np.concatenate(kept_keys), np.concatenate(kept_counts)
         if not self.runs:
             return np.zeros(0, np.uint32), np.zeros(0, np.int64)
-        return _merge_counts(self.runs) if len(self.runs) > 1 else self.runs[0]
+        keys, counts = _merge_counts(self.runs) if len(self.runs) > 1 else self.runs[0]
+        keep = counts >= threshold
+        return keys[keep], counts[keep]
 
 
 def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

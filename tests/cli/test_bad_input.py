@@ -35,6 +35,8 @@ def assets(tmp_path_factory) -> dict:
     a["file"].write_text("not a directory\n")
     a["dir"] = root / "a-dir"
     a["dir"].mkdir()
+    a["spec"] = root / "spec.yaml"
+    a["spec"].write_text("label: clicked\ndense: [age]\ncategorical: [country]\n")
     a["raw"] = write_lines(root / "train.txt", numbered_lines(KAGGLE_LINES))
     a["held_out"] = write_lines(root / "test.txt", numbered_lines(40, start=KAGGLE_LINES))
     lines = numbered_lines(30)
@@ -150,6 +152,18 @@ ROWS = [
                           "absent": ["cmp/report.json", "cmp/report.md", "cmp/runs/*/metrics.json"]}),
 
     # -- convert
+    ("convert/features-spec-missing", ["convert", "--features", "{tmp}/none.yaml", "--train", "{raw}", "--out",
+                                       "{tmp}/out"], ["cannot read the feature spec"], {"absent": ["out"]}),
+    ("convert/features-spec-empty", ["convert", "--features", "{empty}", "--train", "{raw}", "--out", "{tmp}/out"],
+     ["must be a mapping with label, dense and categorical"], {"absent": ["out"]}),
+    ("convert/features-no-header-columns", ["convert", "--features", "{spec}", "--train", "{raw}", "--out",
+                                            "{tmp}/out"], ["has no column(s) clicked, age"], {"absent": ["out"]}),
+    # -- generate
+    ("generate/rows-too-few", ["generate", "--rows", "3", "--out", "{tmp}/g.txt"], ["--rows must be at least 7"],
+     {"absent": ["g.txt"]}),
+    ("generate/out-exists", ["generate", "--rows", "100", "--out", "{file}"], ["exists (use --overwrite"], {}),
+    ("generate/out-under-a-file", ["generate", "--rows", "100", "--out", "{file}/g.txt"],
+     ["cannot create the directory"], {}),
     ("convert/input-missing", ["convert", "--input", "{tmp}/day.txt", "--out", "{tmp}/out"],
      ["input file not found"], {"absent": ["out"]}),
     ("convert/val-fraction-with-input", ["convert", "--input", "{raw}", "--val-fraction", "0.2", "--out",

@@ -38,7 +38,7 @@ def exported(request, tmp_path_factory):
     write_table(root / "test.csv", test_rows)
     convert_tabular(TabularSpec(out=str(root / "ds"), features=str(root / "spec.yaml"), train=[str(root / "train.csv")],
                                 test=[str(root / "test.csv")]), log=lambda s: None)
-    train(TrainSpec(model=request.param, preset="tiny", data=str(root / "ds"), steps_per_epoch=3, batch_size=64,
+    train(TrainSpec(model=request.param, preset="tiny", data=str(root / "ds"), steps_per_epoch=3, batch_size=64, xla="off",
                     optimizer="adagrad", lr=0.05, out=str(root / "run"), verbose=0), log=lambda s: None)
     result = export_run(str(root / "run"), out=str(root / "saved"))
     model, _ = load_run(str(root / "run"), mixed_precision=None)

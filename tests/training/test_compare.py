@@ -10,8 +10,10 @@ from tfdlrm.training.evaluate import predict_with_labels
 from tfdlrm.training.rundir import load_run
 from tfdlrm.training.spec import TrainSpec
 
+# xla="off": these tests are about comparing and reporting; the compiled step is tested in
+# tests/models/test_fast_step.py (its compilation would be most of each tiny run's time).
 BASE = dict(preset="tiny", data="synthetic", rows=200, train_examples=8192, eval_examples=2048, batch_size=512,
-            optimizer="adagrad", lr=0.05, curve_points=3, verbose=0)
+            optimizer="adagrad", lr=0.05, curve_points=3, verbose=0, xla="off")
 
 
 def specs(models=("dlrm", "dcn"), seeds=(1, 2), **changes):

@@ -183,6 +183,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--last-batch", choices=LAST_BATCH, default="fold",
                    help="an epoch's short last batch: fold its rows into the batch before (default), drop it, "
                         "or keep it (see docs/training.md)")
+    g.add_argument("--memory-limit", type=bytes_arg, metavar="SIZE",
+                   help="refuse to train when the estimated peak memory exceeds SIZE (8G, 512MiB, 16GB; "
+                        "default: what the machine has available, MemAvailable; see docs/training.md)")
     g = p.add_argument_group("fault tolerance (see docs/fault-tolerance.md)")
     g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "

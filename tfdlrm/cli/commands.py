@@ -26,7 +26,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         devices=args.devices, parallel=args.parallel, budget=args.budget,
         cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
         checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
-        xla=args.xla, mixed_precision=args.mixed_precision, **extra,
+        xla=args.xla, mixed_precision=args.mixed_precision, memory_limit=args.memory_limit, **extra,
     )
 
 
@@ -41,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--export needs --out: it exports the run directory's last checkpoint")
         # Before training: an unwritable destination should not cost a training run.
         export_base, _ = check_destination(args.out, args.export or None, model_name=args.model)
-    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart))
+    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart,
+                         verify_data=args.verify_data))
     if export_base is not None:
         from tfdlrm.serving.export import export_run
 

@@ -52,6 +52,49 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
     return None
 
 
+def data_loss_message(error: BaseException) -> Optional[str]:
+    """For TensorFlow's ``DataLossError`` (a damaged file: a record or checkpoint failing its
+    checksum), one line; None for any other error.  ``train`` names the damaged shard itself
+    (pipelines/sources.py ``damaged_data_named``); this covers the rest."""
+    if type(error).__name__ != "DataLossError" or not type(error).__module__.startswith("tensorflow"):
+        return None
+    import re
+
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[[^]]*\]\]|\s*\[Op:[^]]*\].*", "", text)
+    lines = [line.strip() for line in text.splitlines()  # the graph trace: indented, or these headings
+             if line.strip() and not line.startswith((" ", "\t", "Graph execution error", "Detected at node"))]
+    return f"a file is damaged: {lines[0] if lines else type(error).__name__} (restore or recreate it)"
+
+
+def out_of_memory_message(error: BaseException, command: Optional[str] = None) -> Optional[str]:
+    """For TensorFlow's ``ResourceExhaustedError`` or Python's ``MemoryError``, one line with
+    what could not be allocated, the run's memory estimate when one was made
+    (tfdlrm/training/memory.py) and what to make smaller; None for any other error."""
+    tensorflow = type(error).__name__ == "ResourceExhaustedError" and type(error).__module__.startswith("tensorflow")
+    if not (tensorflow or isinstance(error, MemoryError)):
+        return None
+    import re
+
+    message = getattr(error, "message", None) or str(error)
+    oom = re.search(r"OOM when allocating tensor with shape\[([^\]]*)\] and type (\w+)", message)
+    if oom:  # TensorFlow's, also inside Keras's "Exception encountered when calling layer ..."
+        what = f"cannot allocate a {oom.group(2)} tensor of shape [{oom.group(1)}]"
+    else:
+        from tfdlrm.errors import io_error_text
+
+        what = io_error_text(error) if message.strip() else type(error).__name__
+    text = f"out of memory: {what}"
+    memory = sys.modules.get("tfdlrm.training.memory")
+    estimate = getattr(memory, "last_estimate", None)
+    if estimate is not None and command in ("train", "compare"):
+        text += f" (the run's estimated peak: {memory.format_bytes(estimate.total)})"
+    if command == "export":
+        return text + "; the export holds the run's whole model: export on a machine with more memory"
+    return (text + "; use smaller tables (--rows; --hash-buckets or a larger --min-frequency for raw Criteo data), "
+            "a smaller --batch-size or --eval-batch-size, or sgd (no optimizer slots)")
+
+
 def os_error_message(error: OSError) -> str:
     """``PATH: No space left on device``, or the like, in one line."""
     from tfdlrm.errors import io_error_text
@@ -136,7 +179,8 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:  # TensorFlow reports bad data as runtime errors
-        text = tensorflow_error_message(e)
+        text = (tensorflow_error_message(e) or data_loss_message(e)
+                or out_of_memory_message(e, getattr(args, "command", None)))
         if text is None:
             raise
         sys.stderr.write(f"error: {text}\n")

@@ -233,6 +233,9 @@ def build_parser() -> Parser:
     p.add_argument("--export", nargs="?", const="", metavar="BASE",
                    help="after training, export the run for TF Serving to BASE/<next version> (default BASE: "
                         "saved_models/<model>); needs --out")
+    p.add_argument("--verify-data", action="store_true",
+                   help="a converted dataset: before training, check every shard's and vocabulary file's "
+                        "sha256 against its manifest (default: the held-out shards only)")
     add_model_args(p)
     add_data_args(p)
     add_training_args(p)

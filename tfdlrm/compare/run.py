@@ -2,12 +2,14 @@
 
 Every run gets the same data, split, batch size, epochs and seeds; only the model and
 optimizer differ.  ``--out DIR`` gets ``runs/<model>-<optimizer>-seed<seed>/`` (one run
-each, resumable), ``report.json``, ``report.md`` and ``curves.png``.  See docs/training.md.
+each, resumable), ``report.json``, ``report.md`` and ``curves.png``; the process holds
+``DIR/.lock`` while it runs (a second comparison into it is refused).  See docs/training.md.
 """
 from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -22,7 +24,7 @@ from tfdlrm.compare.report import (
 from tfdlrm.errors import TrainingDiverged, UserError, io_error_text
 from tfdlrm.metrics import Evaluation
 from tfdlrm.training.loop import train
-from tfdlrm.training.rundir import METRICS_FILE, RUN_FILE, write_json
+from tfdlrm.training.rundir import METRICS_FILE, RUN_FILE, hold_out_dir, write_json
 from tfdlrm.training.spec import RunResult, TrainSpec, result_from_dict
 
 
@@ -93,7 +95,16 @@ def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool
     """Train every spec in turn (or reuse its finished run under ``out``) and write the report."""
     specs = list(specs)
     check_comparable(specs)
+    with ExitStack() as held:
+        if out is not None:
+            hold_out_dir(out, held, hint="wait for that comparison to finish, or use another --out")
+        return _compare(specs, out, retrain, command, log)
+
+
+def _compare(specs: list, out: Optional[str], retrain: bool, command: Optional[str],
+             log: Callable[[str], None]) -> Comparison:
     results = []
+    memory_checked = False  # every run's memory estimate, once, before the first one trains
     for spec in specs:
         label = f"{spec.model} ({spec.optimizer}, lr {spec.lr}, seed {spec.seed})"
         if out is not None:
@@ -104,6 +115,11 @@ def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool
                 log(f"\n== {label}: finished earlier, reusing {spec.out} (--retrain to train again)")
                 results.append(finished)
                 continue
+        if not memory_checked:
+            from tfdlrm.training.memory import check_comparison_memory
+
+            check_comparison_memory(specs)
+            memory_checked = True
         log(f"\n== {label}")
         try:
             results.append(train(spec, log=log))

@@ -1,7 +1,10 @@
 """``tfdlrm export``: a run's checkpoint -> ``saved_models/<model>/<version>/`` for TF Serving.
 
 Versions appear atomically (written to a partial directory, then renamed); ``--force``
-replaces one.  See docs/serving.md.
+replaces one in a single exchange, so the base never lacks it.  One export writes a base at a
+time (its ``.lock``), reading the run under a shared lock (a run being trained is refused); it
+first finishes or rolls back a replacement a kill interrupted and deletes killed exports'
+partial directories.  See docs/serving.md and docs/fault-tolerance.md.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
+from tfdlrm.locks import hold
+from tfdlrm.publish import make_partial, recover, replace_dir
 from tfdlrm.serving.signatures import (
     SIGNATURE_IDS,
     SIGNATURE_RAW,
@@ -146,33 +151,36 @@ def choose_version(base: Path, version: Optional[int], force: bool) -> int:
 
 
 def _publish(tmp: Path, final: Path, force: bool) -> None:
-    """Move the finished export into place: one rename (a replaced version is moved
-    aside first, then deleted)."""
-    old = None
-    if final.exists():
-        if not force:
-            raise UserError(f"{final} appeared while exporting; --force replaces it")
-        old = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
-        os.rename(final, old)
+    """Move the finished export into place: one rename, or for a replaced version one
+    exchange of the two directories (two renames where the file system cannot exchange:
+    ``.N.replaced-*``, which the next export puts right if a kill comes between them)."""
     try:
-        os.rename(tmp, final)
+        if not final.exists():
+            os.rename(tmp, final)
+        elif not force:
+            raise UserError(f"{final} appeared while exporting; --force replaces it")
+        else:
+            replace_dir(tmp, final, final.with_name(tmp.name.replace(".partial-", ".replaced-", 1)))
     except OSError as e:
-        if old is not None:
-            os.rename(old, final)
         raise UserError(f"cannot move the export into {final}: {e.strerror or e}") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def make_partial_dir(base: Path, version: int) -> Path:
-    """A new ``base/.<version>.partial-*`` directory (TF Serving ignores names that are
-    not numbers), readable as a directory made with the process's umask would be (a
-    server running as another user must read the version it is renamed into)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
+    """A new ``base/.<version>.partial-PID-HEX`` directory (TF Serving ignores names that are
+    not numbers), made with the process's umask (a server running as another user must read
+    the version it is renamed into)."""
+    return make_partial(base, str(version))[0]
+
+
+def is_complete(version_dir: Path) -> bool:
+    """Whether an export directory was written to the end (export.json is written last)."""
+    return (version_dir / "saved_model.pb").is_file() and (version_dir / EXTRA_DIR / EXPORT_INFO).is_file()
+
+
+def recover_base(base: Path) -> list[str]:
+    """Under the base's lock, every partial or replaced directory is a killed export's: finish
+    (or roll back) an interrupted replacement, delete the rest.  Returns what it did."""
+    return recover(base, r"\d+", is_complete, partial="partial", aside="replaced", stale=lambda path: True)
 
 
 def _read_run(run: Path) -> dict:
@@ -215,17 +223,33 @@ def check_destination(run_dir: str, out: Optional[str] = None, version: Optional
 def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] = None, force: bool = False,
                dataset: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> Export:
     """Export the run in ``run_dir`` to ``out/<version>`` (default ``saved_models/<model>/<next>``)."""
-    from tfdlrm.training.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE, load_run
-
     run = Path(run_dir)
     meta = _read_run(run)
     base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
+    with ExitStack() as held:
+        # Read-only: shared with other exports, refused while a train writes the run.
+        held.enter_context(hold(run, shared=True, what=f"run directory {run}",
+                                hint="export it once training has finished"))
+        return _export(run_dir, base, version, force, dataset, log, held)
+
+
+def _export(run_dir: str, base: Path, version: Optional[int], force: bool, dataset: Optional[str],
+            log: Optional[Callable[[str], None]], held: ExitStack) -> Export:
+    from tfdlrm.training.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE, load_run
+
+    run = Path(run_dir)
     # float32 compute whatever the run trained with: the weights are float32, and a serving
     # host's CPU may lack native bfloat16 (a bf16 run's predictions differ by ~1e-3).
     model, meta = load_run(run_dir, mixed_precision=None)
     checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR)) or ""
     features, info = serving_features(meta, model.config, dataset)
     _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
+    held.enter_context(hold(base, what=f"export base {base}", hint="wait for that export to finish, or use another "
+                                                                    "--out"))
+    for line in recover_base(base):
+        if log is not None:
+            log(line)
+    chosen = choose_version(base, version, force)  # again, under the lock: another export may have added one
     info.update(run_dir=str(run.resolve()), checkpoint=str(Path(checkpoint).resolve()), version=chosen)
     extra_files = {RUN_FILE: (run / RUN_FILE).read_bytes()}
     if (run / METRICS_FILE).is_file():

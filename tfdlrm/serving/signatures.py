@@ -65,6 +65,21 @@ def _checked(inputs: dict, widths: dict) -> dict:
         return {name: tf.identity(value) for name, value in inputs.items()}
 
 
+def _finite(dense):
+    """``dense`` (the ``ids`` signature's transformed features) guarded by a check that every
+    value is finite.  A transformed feature is never NaN or infinite (the raw signatures map
+    NaN and infinities to missing before the transform), and the model would turn one into a
+    finite, plausible probability."""
+    bad = tf.logical_not(tf.math.is_finite(dense))
+    where = tf.concat([tf.where(bad), tf.constant([[-1, -1]], tf.int64)], axis=0)[0]  # the first bad [row, column]
+    check = _require(tf.logical_not(tf.reduce_any(bad)),
+                     "input dense must be finite: it holds transformed features, which have no missing value "
+                     "(the raw signatures map NaN and infinite counts to missing); got",
+                     tf.boolean_mask(dense, bad)[:1], "at [row, column]", where)
+    with tf.control_dependencies([check]):
+        return tf.identity(dense)
+
+
 @contextlib.contextmanager
 def _ids_unchecked(model):
     """Trace without the embedding layer's id range check (ids in range by construction)."""
@@ -98,7 +113,7 @@ def signature_functions(model: tf.keras.Model, features=None) -> dict:
         if config.ids_per_lookup == 1:
             widths["sparse"] = (config.num_tables, "int64 (categorical ids)")
         checked = _checked({"dense": dense, "sparse": sparse}, widths)
-        return predict(checked["dense"], checked["sparse"])
+        return predict(_finite(checked["dense"]), checked["sparse"])
 
     from tfdlrm.pipelines.spec import TabularFeatures
 
@@ -195,7 +210,7 @@ def _tabular_functions(model, features, predict) -> dict:
         checked = _checked({"dense": dense}, {"dense": (config.num_dense, "float32 (transformed dense features)")})
         if multi_hot:
             sparse = tf.RaggedTensor.from_tensor(sparse, padding=tf.constant(-1, tf.int64), ragged_rank=2)
-        return predict(checked["dense"], sparse)
+        return predict(_finite(checked["dense"]), sparse)
 
     with _ids_unchecked(model):
         return {
@@ -227,11 +242,15 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
     """``(RawFeatures or None, info)`` for a run's ``run.json`` (``meta``).
 
     Criteo runs get the mapping of the dataset they trained on, found at the path in
-    ``run.json`` (or ``dataset``), whose manifest must be the one the run recorded.
+    ``run.json`` (or ``dataset``), whose manifest must be the one the run recorded, and
+    whose vocabulary files must have the sha256 the manifest recorded (an edited one would
+    shift ids).  ``info["vocabulary_files"]`` lists each file's path, ``asset`` (its name
+    under the SavedModel's ``assets/``), bytes and sha256; ``vocabulary_verified`` says
+    whether the manifest had them to check against (datasets converted before did not).
     Generated data has no raw mapping: ``(None, info)``.
     """
     from tfdlrm.pipelines.lookup import RawFeatures
-    from tfdlrm.pipelines.manifest import MANIFEST, read_manifest
+    from tfdlrm.pipelines.manifest import MANIFEST, check_vocabulary, read_manifest
     from tfdlrm.pipelines.vocabulary import CategoricalMapping
 
     data = meta.get("data") or {}
@@ -247,6 +266,9 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
     if data.get("manifest_sha256") and hashlib.sha256(raw).hexdigest() != data["manifest_sha256"]:
         raise UserError(f"{manifest_file} is not the manifest the run trained with (its sha256 differs from "
                         f"run.json's): the dataset was converted again or replaced; {hint}")
+    files, verified = check_vocabulary(path, manifest)
+    vocabulary = {"vocabulary_files": [{**f, "asset": Path(f["path"]).name if f["bytes"] else None}  # empty: no table
+                                       for f in files], "vocabulary_verified": verified}
     if manifest.get("features") is not None:
         from tfdlrm.pipelines.spec import TabularFeatures
 
@@ -256,7 +278,7 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
         features = TabularFeatures(manifest["features"], str(path))
         return features, {"raw_features": True, "data_kind": "features", "dataset": str(path.resolve()),
                           "manifest_sha256": hashlib.sha256(raw).hexdigest(),
-                          "feature_spec": manifest["features"]["spec"]}
+                          "feature_spec": manifest["features"]["spec"], **vocabulary}
     try:
         mapping = CategoricalMapping.load(path, manifest["mapping"])
     except (ValueError, KeyError, TypeError) as e:
@@ -266,7 +288,7 @@ def serving_features(meta: dict, config, dataset: Optional[str] = None):
                         f"{list(config.table_rows)}: not the dataset the run trained on")
     features = RawFeatures(mapping, str(path), on_invalid=ON_INVALID)
     info = {"raw_features": True, "data_kind": "criteo", "dataset": str(path.resolve()),
-            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "mapping": manifest["mapping"]}
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "mapping": manifest["mapping"], **vocabulary}
     return features, info
 
 

@@ -6,6 +6,7 @@ good checkpoint, ``model.fit`` with the run's callbacks, evaluate exactly, write
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -32,8 +33,8 @@ from tfdlrm.training.rundir import (
     PREDICTIONS_FILE,
     RUN_FILE,
     RunStatus,
+    hold_out_dir,
     open_run,
-    prepare_out_dir,
     save_predictions,
     write_json,
 )
@@ -51,9 +52,15 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
 
     With ``spec.out`` holding an unfinished run of the same settings, training resumes
     from its newest good checkpoint; a finished run is returned as it is (``spec.restart``
-    trains it again).
+    trains it again).  The process holds ``spec.out``'s lock while it trains (rundir.hold_out_dir):
+    a second run into the same directory is refused.
     """
-    from tfdlrm.pipelines.sources import open_data
+    with ExitStack() as held:
+        return _train(spec, log, held)
+
+
+def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunResult:
+    from tfdlrm.pipelines.sources import damaged_data_named, open_data
 
     spec.check()
     if spec.devices is not None and spec.parallel != "ps":
@@ -61,12 +68,19 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
     if spec.deterministic:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(spec.seed)
+    # Locked before anything is read or converted: one process decides about the run and writes it.
+    out = hold_out_dir(spec.out, held) if spec.out else None
     source = open_data(spec.data, model_config_for(spec), train_examples=spec.train_examples,
                        eval_examples=spec.eval_examples, data_seed=spec.data_seed, eval_data=spec.eval_data,
                        cache_dir=spec.cache_dir, hash_buckets=spec.hash_buckets, min_frequency=spec.min_frequency,
-                       val_data=spec.val_data, val_fraction=spec.val_fraction)
+                       val_data=spec.val_data, val_fraction=spec.val_fraction, verify_data=spec.verify_data)
+    held.enter_context(damaged_data_named(source))  # a damaged record: one line naming its file
+    for note in source.notes:
+        log(f"note: {note}")
     config = source.config
-    out = prepare_out_dir(spec.out) if spec.out else None
+    from tfdlrm.training.memory import check_training_memory, held_out_rows
+
+    check_training_memory(spec, config, held_out_rows(source))  # before any variable: refused if it cannot fit
     per_pass = source.train_batches(spec.batch_size, spec.last_batch)
     steps_per_epoch = spec.steps_per_epoch or per_pass
     total_steps = spec.epochs * steps_per_epoch

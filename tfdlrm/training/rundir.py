@@ -6,6 +6,7 @@
     metrics.json   the final exact evaluation, per-epoch metrics, throughput, parameter count (last)
     predictions.npz  held-out labels and probabilities at the best epoch (paired comparisons)
 
+``hold_out_dir`` makes the process the directory's one writer (``.lock``, tfdlrm.locks);
 ``open_run`` decides between resuming, refusing other settings and starting afresh;
 ``load_run`` rebuilds the model from ``run.json`` alone.  See docs/fault-tolerance.md.
 """
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
+from tfdlrm.locks import hold
 from tfdlrm.presets import ModelConfig
 from tfdlrm.training.checkpoints import CheckpointStore, first_line, json_default
 from tfdlrm.training.compile import build_model
@@ -64,6 +67,25 @@ def prepare_out_dir(path: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
     return out
+
+
+def hold_out_dir(path: str, held: ExitStack, hint: str = "wait for it to finish, or use another --out") -> Path:
+    """Make (``prepare_out_dir``) and lock the output directory ``path`` until ``held`` closes:
+    a second ``train`` or ``compare`` into it is refused, naming this process; a killed
+    process's lock is no lock (the kernel drops it), so resuming after a kill just takes it.
+    A directory made here that is still empty when ``held`` closes is removed again."""
+    if not Path(path).exists():
+        held.callback(_remove_if_empty, Path(path))
+    out = prepare_out_dir(path)
+    held.enter_context(hold(out, what=str(out), hint=hint))
+    return out
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (or gone)
+        pass
 
 
 def write_json(path: Path, data: dict) -> None:

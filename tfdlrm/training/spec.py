@@ -61,6 +61,12 @@ class TrainSpec:
     # parallel modes) and bfloat16 MLPs (auto = on where the CPU has native bf16)
     xla: str = "auto"
     mixed_precision: str = "auto"
+    # before training, check every shard's and vocabulary file's sha256 against the manifest
+    # (without it: the held-out shards only; pipelines/sources.py CriteoSource)
+    verify_data: bool = False
+    # refuse a run whose estimated peak memory exceeds this (bytes, or a size: 8G, 512MiB); default:
+    # what the machine has available (tfdlrm/training/memory.py)
+    memory_limit: Optional[int | str] = None
 
     def check(self) -> "TrainSpec":
         if self.model not in MODEL_NAMES:
@@ -98,10 +104,16 @@ class TrainSpec:
 
         resolve_xla(self.xla, self.parallel)
         resolve_mixed_precision(self.mixed_precision)
+        from tfdlrm.training.memory import parse_memory_limit
+
+        parse_memory_limit(self.memory_limit)
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["verify_data"]  # how the data is checked, not what the run computes: no setting of the run
+        del out["memory_limit"]  # a limit of the machine, not a setting of the run: may change on resume
+        return out
 
 
 @dataclass
