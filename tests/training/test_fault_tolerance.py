@@ -25,8 +25,10 @@ from tfdlrm.training.stream import pass_seed
 
 # 20 steps an epoch, 2 epochs, a checkpoint every 7 steps: step-7, step-14, epoch-001 (20),
 # step-21 ... epoch-002 (40).
+# xla="off" in process (the compiled step's compilation would be most of each run's time);
+# the command-line runs below (CLI_RUN: same seed, SIGKILL and resume) keep the default step.
 SETTINGS = dict(preset="tiny", train_examples=10240, eval_examples=2048, batch_size=512, epochs=2,
-                optimizer="adagrad", lr=0.05, checkpoint_every=7, curve_points=4, verbose=0)
+                optimizer="adagrad", lr=0.05, checkpoint_every=7, curve_points=4, verbose=0, xla="off")
 
 
 def make_spec(out, **changes) -> TrainSpec:
