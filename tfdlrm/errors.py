@@ -40,3 +40,16 @@ class TrainingDiverged(UserError):
         self.step, self.epoch, self.last_checkpoint = step, epoch, last_checkpoint
         where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved before it"
         super().__init__(f"training diverged: {what} at step {step} (epoch {epoch}); {where}; try a lower --lr")
+
+
+class Stopped(Exception):
+    """Training stopped by SIGTERM or SIGINT (tfdlrm/training/preemption.py), after writing a
+    checkpoint at ``step`` when the run has a directory.  The command line prints the message and
+    exits with ``exit_status``, 128 + the signal's number, as a shell reports a process it killed."""
+
+    def __init__(self, signal_name: str, signal_number: int, step: int, checkpoint: Optional[str]):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_status = 128 + int(signal_number)
+        saved = (f"checkpoint {checkpoint} written; rerun the same command to resume" if checkpoint
+                 else "nothing saved (no run directory, --out)")
+        super().__init__(f"stopped by {signal_name} at step {step}; {saved}")

@@ -110,7 +110,7 @@ def test_a_run_crashed_mid_epoch_resumes_and_ends_like_an_uninterrupted_one(tmp_
     assert record["data"] == {"position": 7, "batches_per_pass": 20, "pass": 0, "offset": 7, "seed": 1,
                               "shuffle": "once", "pass_seed": pass_seed(1, 0)}
     assert set(record["metrics"]) == {"loss", "auc", "logloss", "accuracy"}
-    assert record["model"] == "dlrm" and set(record["state"]) == {"clock", "curve", "epochs"}
+    assert record["model"] == "dlrm" and set(record["state"]) == {"clock", "curve", "epochs", "tensorboard"}
     assert sorted(record["files"]) == ["step-00000007.data-00000-of-00001", "step-00000007.index"]
     tf.keras.backend.clear_session()
     lines = resume(out)

@@ -177,6 +177,17 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-optimizer", choices=OPTIMIZER_NAMES,
                    help="optimizer for the embedding tables (default: --optimizer)")
     g.add_argument("--embedding-lr", type=positive_float, help="learning rate of the embedding tables (default: --lr)")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0, metavar="W",
+                   help="raise every learning rate linearly over the first W steps, as MLPerf's DLRM reference "
+                        "(step n uses lr*n/W; default: 0, no warmup; see docs/training.md)")
+    g.add_argument("--decay-start-step", type=non_negative_int, metavar="D",
+                   help="with --decay-steps: the step where the decay starts (default: the warmup's end)")
+    g.add_argument("--decay-steps", type=non_negative_int, default=0, metavar="N",
+                   help="decay every learning rate polynomially (power 2) over N steps from --decay-start-step, "
+                        "as the reference (ending at lr/N^2; default: 0, no decay)")
+    g.add_argument("--early-stop", type=positive_int, metavar="PATIENCE",
+                   help="stop once the validation AUC has not improved for PATIENCE epochs (needs a validation "
+                        "split)")
     g.add_argument("--shuffle", choices=SHUFFLES, default="once",
                    help="order of the training rows: one per seed, read the same way every epoch (default; the "
                         "reference DLRM's --data-randomize total), a new one each epoch, or as stored")
@@ -190,8 +201,18 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="also checkpoint every N steps (default: only at each epoch end); rerunning the same "
                         "command resumes from the newest checkpoint")
+    g.add_argument("--keep", type=positive_int, metavar="N",
+                   help="keep the newest N checkpoints and the best epoch's on validation (default: every epoch's, "
+                        "and the newest two step checkpoints since the last epoch end)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic ops: the same seed gives bit-identical weights on this machine (slower)")
+    g = p.add_argument_group("progress and TensorBoard (see docs/training.md)")
+    g.add_argument("--log-every", type=positive_int, default=100, metavar="N",
+                   help="TensorBoard scalars (loss, learning rate, examples/s) every N steps into --out's logs/ "
+                        "(default: 100); the loss is also checked for NaN every N steps")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress (plain lines every 10%% of an epoch, or a line redrawn on a terminal); "
+                        "results are still printed")
     add_speed_args(p)
     add_parallel_args(p)
 

@@ -22,10 +22,13 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
         lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
+        warmup_steps=args.warmup_steps, decay_start_step=args.decay_start_step, decay_steps=args.decay_steps,
+        early_stop=args.early_stop, keep=args.keep,
         data_seed=args.data_seed, train_examples=args.train_examples, eval_examples=args.eval_examples, out=out,
         devices=args.devices, parallel=args.parallel, budget=args.budget,
         cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
         checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
+        log_every=args.log_every, verbose=0 if args.quiet else "auto",
         xla=args.xla, mixed_precision=args.mixed_precision, memory_limit=args.memory_limit, **extra,
     )
 
@@ -53,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tfdlrm.serving.export import export_run
 
-    export_run(args.run_dir, out=args.out, version=args.version, force=args.force, dataset=args.dataset, log=print)
+    export_run(args.run_dir, out=args.out, version=args.version, force=args.force, dataset=args.dataset, log=print,
+               checkpoint=args.checkpoint)
     return 0
 
 

@@ -1,6 +1,7 @@
 """``python -m tfdlrm``: parse, run one command, and turn every known failure into one line.
 
-Exit 0 on success, 2 for bad input (``error: ...``), 141 for a closed pipe.
+Exit 0 on success, 2 for bad input (``error: ...``), 141 for a closed pipe, 143 (130) for training
+stopped by SIGTERM (SIGINT) after a checkpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 
 from tfdlrm.cli.args import EXIT_BROKEN_PIPE, EXIT_USAGE
 from tfdlrm.cli.parser import build_parser
-from tfdlrm.errors import UserError
+from tfdlrm.errors import Stopped, UserError
 
 
 def import_tensorflow_quietly() -> None:
@@ -175,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
     except OSError as e:  # files: missing, unreadable, not writable, disk full
         sys.stderr.write(f"error: {os_error_message(e)}\n")
         return EXIT_USAGE
+    except Stopped as e:  # SIGTERM or SIGINT while training: a checkpoint, then this line
+        sys.stderr.write(f"{e}\n")
+        return e.exit_status
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -37,7 +37,8 @@ from tfdlrm.presets import MODEL_NAMES, OPTIMIZER_NAMES, PRESET_NAMES
 def add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="export a training run as a SavedModel for TF Serving (raw features in, probability out)",
-        description="Export the last checkpoint of a training run (the --out of train) as a SavedModel in TF "
+        description="Export the last checkpoint (or --checkpoint) of a training run (the --out of train) as a "
+                    "SavedModel in TF "
                     "Serving's layout, BASE/<version>/: signatures serving_default (raw dense counts and hex "
                     "categorical values), examples (serialized tf.Example), ids (mapped model inputs) and "
                     "transform, with the Criteo mapping inside the graph and warm-up requests in assets.extra. "
@@ -46,6 +47,9 @@ def add_export_parser(sub) -> None:
     p.add_argument("--out", metavar="BASE", help="base directory of the versions (default: saved_models/<model>)")
     p.add_argument("--version", type=non_negative_int, help="version number (default: the next free one)")
     p.add_argument("--force", action="store_true", help="replace the version if it exists")
+    p.add_argument("--checkpoint", default="latest", metavar="best|latest|epoch-N|step-N",
+                   help="which checkpoint of the run: the newest (latest, the default), the best epoch on "
+                        "validation (best), or one by name")
     p.add_argument("--dataset", metavar="DIR",
                    help="the converted dataset the run trained on, if it has moved since (its manifest must be "
                         "the one in run.json)")

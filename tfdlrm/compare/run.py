@@ -48,7 +48,7 @@ def run_dir_name(spec: TrainSpec) -> str:
 
 
 # Spec fields that do not change a finished run's results.
-NOT_RESULTS = ("out", "verbose", "checkpoint_every", "deterministic", "restart", "xla")
+NOT_RESULTS = ("out", "verbose", "log_every", "checkpoint_every", "keep", "deterministic", "restart", "xla")
 
 
 def _same_settings(saved: dict, spec: TrainSpec) -> list[str]:

@@ -103,9 +103,11 @@ class Export:
     description: dict = field(repr=False, default_factory=dict)
     run_dir: str = ""
     checkpoint: str = ""
+    checkpoint_label: str = ""  # its name, and whether it is the best epoch on validation
 
     def summary(self) -> str:
-        lines = [f"exported {self.model} from {self.run_dir} ({Path(self.checkpoint).name}) to {self.path}"]
+        label = self.checkpoint_label or Path(self.checkpoint).name
+        lines = [f"exported {self.model} from {self.run_dir} ({label}) to {self.path}"]
         for name, sig in self.description["signatures"].items():
             if name == SIGNATURE_RAW and not self.raw_features:
                 lines.append(f"  {name:16} = {SIGNATURE_IDS}")
@@ -221,8 +223,11 @@ def check_destination(run_dir: str, out: Optional[str] = None, version: Optional
 
 
 def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] = None, force: bool = False,
-               dataset: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> Export:
-    """Export the run in ``run_dir`` to ``out/<version>`` (default ``saved_models/<model>/<next>``)."""
+               dataset: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
+               checkpoint: str = "latest") -> Export:
+    """Export the run in ``run_dir`` to ``out/<version>`` (default ``saved_models/<model>/<next>``):
+    its newest checkpoint, or ``checkpoint`` (``best``, the best epoch on validation; ``epoch-N``;
+    ``step-N``: tfdlrm/training/choose.py)."""
     run = Path(run_dir)
     meta = _read_run(run)
     base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
@@ -230,18 +235,21 @@ def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] =
         # Read-only: shared with other exports, refused while a train writes the run.
         held.enter_context(hold(run, shared=True, what=f"run directory {run}",
                                 hint="export it once training has finished"))
-        return _export(run_dir, base, version, force, dataset, log, held)
+        return _export(run_dir, base, version, force, dataset, log, held, checkpoint)
 
 
 def _export(run_dir: str, base: Path, version: Optional[int], force: bool, dataset: Optional[str],
-            log: Optional[Callable[[str], None]], held: ExitStack) -> Export:
+            log: Optional[Callable[[str], None]], held: ExitStack, which: str = "latest") -> Export:
+    from tfdlrm.training.choose import choose_checkpoint
     from tfdlrm.training.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE, load_run
 
     run = Path(run_dir)
+    chosen_checkpoint = choose_checkpoint(run / CHECKPOINT_DIR, which, run=str(run_dir))
     # float32 compute whatever the run trained with: the weights are float32, and a serving
     # host's CPU may lack native bfloat16 (a bf16 run's predictions differ by ~1e-3).
-    model, meta = load_run(run_dir, mixed_precision=None)
-    checkpoint = tf.train.latest_checkpoint(str(run / CHECKPOINT_DIR)) or ""
+    model, meta = load_run(run_dir, mixed_precision=None,
+                           checkpoint=chosen_checkpoint.name if chosen_checkpoint.record else which)
+    checkpoint = chosen_checkpoint.prefix
     features, info = serving_features(meta, model.config, dataset)
     _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
     held.enter_context(hold(base, what=f"export base {base}", hint="wait for that export to finish, or use another "
@@ -250,11 +258,14 @@ def _export(run_dir: str, base: Path, version: Optional[int], force: bool, datas
         if log is not None:
             log(line)
     chosen = choose_version(base, version, force)  # again, under the lock: another export may have added one
-    info.update(run_dir=str(run.resolve()), checkpoint=str(Path(checkpoint).resolve()), version=chosen)
+    info.update(run_dir=str(run.resolve()), checkpoint=str(Path(checkpoint).resolve()),
+                exported_checkpoint=chosen_checkpoint.describe(), version=chosen)
     extra_files = {RUN_FILE: (run / RUN_FILE).read_bytes()}
     if (run / METRICS_FILE).is_file():
         extra_files[METRICS_FILE] = (run / METRICS_FILE).read_bytes()
-        info["metrics"] = {k: v for k, v in json.loads(extra_files[METRICS_FILE]).get("evaluation", {}).items()}
+        metrics = checkpoint_metrics(json.loads(extra_files[METRICS_FILE]), chosen_checkpoint)
+        if metrics:
+            info["metrics"] = metrics
     if info.get("dataset"):
         from tfdlrm.pipelines.manifest import MANIFEST
 
@@ -266,10 +277,25 @@ def _export(run_dir: str, base: Path, version: Optional[int], force: bool, datas
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = Export(path=base / str(chosen), version=chosen, model=meta["model"], raw_features=features is not None,
-                    description=description, run_dir=str(run_dir), checkpoint=checkpoint)
+                    description=description, run_dir=str(run_dir), checkpoint=checkpoint,
+                    checkpoint_label=chosen_checkpoint.label())
     if log is not None:
         log(result.summary())
     return result
+
+
+def checkpoint_metrics(metrics: dict, chosen) -> dict:
+    """The held-out metrics of the exported weights for export.json: the run's final evaluation
+    for its newest checkpoint, the test metrics of that epoch for an earlier epoch's (none for an
+    earlier step checkpoint: nothing evaluated those weights)."""
+    record = chosen.record
+    if record is None or chosen.asked == "latest":
+        return dict(metrics.get("evaluation", {}))
+    if record["kind"] == "epoch":
+        for entry in metrics.get("epochs", []):
+            if entry.get("epoch") == record["epoch"] and entry.get("step") == record["step"]:
+                return dict(entry["test"])
+    return {}
 
 
 def find_saved_model(path: str | os.PathLike) -> Path:

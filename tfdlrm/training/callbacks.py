@@ -50,20 +50,29 @@ class TrainingClock(tf.keras.callbacks.Callback):
 
 
 class StopOnNonFinite(tf.keras.callbacks.Callback):
-    """Stop at the first batch whose loss is NaN or infinite, by raising
-    :class:`TrainingDiverged`, so that no later callback saves the broken weights.
+    """Stop once the loss has become NaN or infinite, by raising :class:`TrainingDiverged` naming
+    the first such step, so that no later callback saves the broken weights.
 
     ``checkpoints`` is a checkpoint directory, or a function naming the last good
     checkpoint; ``first_step`` the optimizer steps taken before this ``fit`` (a resumed run).
+    The loss is read every ``every`` steps (at most ``MAX_UNREAD``), at multiples of ``also_every``
+    (the checkpoint steps) and at each epoch end (``check()``: also before any other save), not
+    each step: reading a step's tensor waits for that step.  The losses between are kept unread
+    and read together, so the step named is exact (Keras's ``loss`` is the epoch's running mean:
+    NaN from its first NaN batch on).
     """
 
-    _supports_tf_logs = True
+    MAX_UNREAD = 1000  # loss tensors held between two reads
 
-    def __init__(self, checkpoints: Union[str, Callable[[], Optional[str]], None] = None, first_step: int = 0):
+    def __init__(self, checkpoints: Union[str, Callable[[], Optional[str]], None] = None, first_step: int = 0,
+                 every: int = 1, also_every: Optional[int] = None):
         super().__init__()
+        self._supports_tf_logs = True  # the logs' tensors, unread (Callback.__init__ sets it on the instance)
         self.checkpoints = checkpoints
         self.step = int(first_step)
         self.epoch = 0
+        self.every, self.also_every = int(every), also_every
+        self._pending: list = []  # (step, loss tensor) since the last check
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
@@ -71,8 +80,23 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(float(loss)):
-            raise TrainingDiverged(self.step, self.epoch, self.last_checkpoint())
+        if loss is not None:
+            self._pending.append((self.step, loss))
+        if (self.step % self.every == 0 or (self.also_every and self.step % self.also_every == 0)
+                or len(self._pending) >= self.MAX_UNREAD):
+            self.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.check()
+
+    def check(self) -> None:
+        """Read the losses since the last check; raise at the first that is not finite."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        finite = np.isfinite(np.asarray(tf.stack([loss for _, loss in pending]), np.float64))
+        if not finite.all():
+            raise TrainingDiverged(pending[int(np.argmin(finite))][0], self.epoch, self.last_checkpoint())
 
     def last_checkpoint(self) -> Optional[str]:
         if callable(self.checkpoints):
@@ -94,10 +118,12 @@ class LearningCurve(tf.keras.callbacks.Callback):
         super().__init__()
         if every <= 0:
             raise ValueError(f"every must be positive, got {every}")
+        self._supports_tf_logs = True  # the logs' tensors are read at the points only
         self.eval_dataset = eval_dataset
         self.every = int(every)
         self.batch_size = int(batch_size)
         self.points: list[dict] = []
+        self.on_point: Optional[Callable[[dict], None]] = None  # called with each new point (TensorBoard)
         self._step = 0
         self._epoch_batches = 0
         self._last = (0, 0.0, 0.0)  # batches into the epoch, running accuracy, running logloss
@@ -155,6 +181,8 @@ class LearningCurve(tf.keras.callbacks.Callback):
             "eval_logloss": held_out.logloss,
             "eval_accuracy": held_out.accuracy,
         })
+        if self.on_point is not None:
+            self.on_point(self.points[-1])
 
 
 class EpochEvaluation(tf.keras.callbacks.Callback):
@@ -225,14 +253,13 @@ class RunCheckpoints(tf.keras.callbacks.Callback):
     ``state()`` (saved in each record) for other callbacks to resume from.
     """
 
-    _supports_tf_logs = True
-
     def __init__(self, store: CheckpointStore, every: Optional[int], steps_per_epoch: int, batches_per_pass: int,
                  seed: int, start_epoch: int = 0, start_batch: int = 0, history: Optional[dict] = None,
                  shuffle: str = "epoch",
                  metrics: Optional[dict] = None, extra: Optional[dict] = None, state_of: Optional[dict] = None,
                  clock=None, identity: Optional[dict] = None):
         super().__init__()
+        self._supports_tf_logs = True  # the logs' tensors are read at a save only
         self.store, self.every = store, every
         self.steps_per_epoch, self.batches_per_pass, self.seed = steps_per_epoch, batches_per_pass, seed
         self.shuffle = shuffle
@@ -267,6 +294,15 @@ class RunCheckpoints(tf.keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float(value))
         step = (epoch + 1) * self.steps_per_epoch
         self._save("epoch", f"epoch-{epoch + 1:03d}", step, epoch + 1, 0, logs)
+
+    def save_now(self, epoch: int, batch: int, logs=None) -> str:
+        """A step checkpoint after ``batch`` batches of ``epoch`` (0-based; not its last batch), unless
+        that step's checkpoint was just written; returns its name (a stop by signal: preemption.py)."""
+        step = epoch * self.steps_per_epoch + batch
+        name = f"step-{step:08d}"
+        if not self.saved or self.saved[-1] != name:
+            self._save("step", name, step, epoch, batch, logs)
+        return name
 
     def _save(self, kind, name, step, epoch, batch, logs):
         from tfdlrm.errors import TrainingDiverged

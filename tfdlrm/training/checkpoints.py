@@ -61,8 +61,9 @@ def first_line(error: BaseException) -> str:
 class CheckpointStore:
     """The checkpoints of one run directory (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, keep: Optional[int] = None):
         self.dir = Path(directory)
+        self.keep = keep  # None: see prune(); N: the newest N checkpoints and the best epoch's on validation
 
     # names and files
     def _files(self, name: str) -> list[Path]:
@@ -165,12 +166,17 @@ class CheckpointStore:
         write_atomic(path, "\n".join(lines) + "\n")
 
     def prune(self) -> None:
-        """Keep every epoch checkpoint and the newest step checkpoints after the last of them;
-        drop the rest, and anything incomplete."""
+        """Keep every epoch checkpoint and the newest step checkpoints after the last of them
+        (with ``keep`` N: the newest N checkpoints of either kind, and always the best epoch's on
+        validation); drop the rest, and anything incomplete."""
         good, bad = self.scan()
         last_epoch = max((r["step"] for r in good if r["kind"] == "epoch"), default=-1)
         steps = [r for r in good if r["kind"] == "step" and r["step"] > last_epoch]
         keep = {r["name"] for r in good if r["kind"] == "epoch"} | {r["name"] for r in steps[-KEEP_STEP_CHECKPOINTS:]}
+        if self.keep is not None and good:
+            best = best_on_validation(good[-1])
+            keep = {r["name"] for r in good[-self.keep:]}
+            keep |= {r["name"] for r in good if r["kind"] == "epoch" and r["epoch"] == best}
         kept = [r for r in good if r["name"] in keep]
         self.write_index(kept)  # before deleting: the index never names a missing checkpoint
         for r in good:
@@ -202,6 +208,15 @@ class CheckpointStore:
         step = int(model.optimizer.iterations.numpy())
         if step != record["step"]:
             raise ValueError(f"its optimizer is at step {step}, its record says {record['step']}")
+
+
+def best_on_validation(record: dict) -> Optional[int]:
+    """The best epoch on validation (1-based) as of ``record``'s checkpoint (the state of the
+    run's EpochEvaluation saved in it), or None where the run has no validation split."""
+    state = (record.get("state") or {}).get("epochs") or {}
+    if not any("val" in e for e in state.get("epochs", [])):
+        return None
+    return state.get("best_epoch")
 
 
 def metric_state(model: tf.keras.Model) -> dict:

@@ -31,15 +31,19 @@ def build_model(name: str, config: ModelConfig, mixed_precision: Optional[str] =
     return model.build_from_config()
 
 
-def make_optimizer(name: str, lr: float) -> tf.keras.optimizers.legacy.Optimizer:
+def make_optimizer(name: str, lr) -> tf.keras.optimizers.legacy.Optimizer:
     """A tf_keras *legacy* optimizer: these apply ``IndexedSlices`` gradients as sparse
     row updates, where the new optimizers keep and rewrite full-table state.
 
+    ``lr`` is a positive number or a ``LearningRateSchedule`` (evaluated at the optimizer's
+    ``iterations``; the reference's warmup and decay: tfdlrm/training/schedule.py).
     Adagrad starts its accumulators at 0 with epsilon 1e-10, as ``torch.optim.Adagrad``
     in the reference DLRM.  Adam's moment slots are dense: every step decays the whole
     table's slots, so prefer SGD or Adagrad for large embeddings.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
+        pass
+    elif not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise UserError(f"learning rate must be a positive number, got {lr}")
     legacy = tf.keras.optimizers.legacy
     if name == "sgd":
@@ -98,7 +102,8 @@ def compile_model(model: tf.keras.Model, optimizer: OptimizerArg = "sgd", lr: Op
     """Compile with binary cross-entropy and (optionally) AUC / log loss / accuracy.
 
     ``optimizer`` is a name (``sgd``, ``adagrad``, ``adam``: a tf_keras *legacy* optimizer made by
-    :func:`make_optimizer` with learning rate ``lr``, default 0.1) or a tf_keras optimizer object,
+    :func:`make_optimizer` with learning rate ``lr``, default 0.1, a number or a ``LearningRateSchedule``
+    such as :class:`tfdlrm.training.schedule.LRPolicySchedule`) or a tf_keras optimizer object,
     used as it is (then ``lr`` must be left out: the object has its own).  Prefer the legacy
     optimizers (``tf.keras.optimizers.legacy.SGD``, ...): they update only the looked-up rows of
     a table.  A new tf_keras optimizer (``tf.keras.optimizers.SGD``, ...) is accepted with a

@@ -25,7 +25,16 @@ from tfdlrm.training.callbacks import (
 )
 from tfdlrm.training.checkpoints import build_metrics, first_line
 from tfdlrm.training.compile import build_model, compile_model, standardize_dense
+from tfdlrm.training.early_stop import (
+    EarlyStop,
+    check_early_stop,
+    describe_stop,
+    stopped_after,
+)
 from tfdlrm.training.evaluate import evaluate
+from tfdlrm.training.preemption import StopOnSignal, stop_signals
+from tfdlrm.training.progress import progress_for
+from tfdlrm.training.reporting import TensorBoardLog, hparams_of
 from tfdlrm.training.rundir import (
     CHECKPOINT_DIR,
     LOGS_DIR,
@@ -38,6 +47,7 @@ from tfdlrm.training.rundir import (
     save_predictions,
     write_json,
 )
+from tfdlrm.training.schedule import LearningRateLog, scheduled_lr
 from tfdlrm.training.spec import (
     RunResult,
     TrainSpec,
@@ -77,6 +87,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     held.enter_context(damaged_data_named(source))  # a damaged record: one line naming its file
     for note in source.notes:
         log(f"note: {note}")
+    check_early_stop(spec.early_stop, source.val_examples, source.name)
     config = source.config
     from tfdlrm.training.memory import check_training_memory, held_out_rows
 
@@ -96,8 +107,10 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
                                checkpoint_dir=CHECKPOINT_DIR, logs_dir=LOGS_DIR)
         if status.finished is not None:
             result = result_from_dict(status.finished)
+            more = (f"--early-stop ended it after epoch {result.stopped_epoch}" if result.stopped_epoch
+                    else "a larger --epochs continues it")
             log(f"{out}: this run finished earlier; {spec.model} held-out: {result.evaluation}  "
-                f"(nothing to train: --restart trains it again, a larger --epochs continues it)")
+                f"(nothing to train: --restart trains it again, {more})")
             return result
 
     setup = make_parallel(spec.parallel, spec.devices, config, parse_budget(spec.budget),
@@ -105,7 +118,9 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     xla = resolve_xla(spec.xla, setup.mode)
     with setup.scope():
         model = build_model(spec.model, config, mixed_precision=precision)
-        compile_model(model, spec.optimizer, spec.lr, spec.embedding_optimizer, spec.embedding_lr, xla=xla)
+        lr, embedding_lr = (scheduled_lr(rate, spec.warmup_steps, spec.decay_start_step, spec.decay_steps)
+                            for rate in (spec.lr, spec.embedding_lr))  # a number, or the reference's schedule
+        compile_model(model, spec.optimizer, lr, spec.embedding_optimizer, embedding_lr, xla=xla)
     setup.attach(model)
     params = model.count_params()
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
@@ -146,8 +161,13 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     clock = TrainingClock(saved_state.get("clock", {}).get("seconds", 0.0))
     callbacks: list = [clock]
     store = status.store if status is not None else None
+    if store is not None:
+        store.keep = spec.keep
+    nan_stop = None
     if setup.mode != "ps":  # Keras allows no batch-level callbacks under ParameterServerStrategy
-        callbacks.append(StopOnNonFinite(store.describe_latest if store else None, first_step=start))
+        nan_stop = StopOnNonFinite(store.describe_latest if store else None, first_step=start, every=spec.log_every,
+                                   also_every=spec.checkpoint_every)
+        callbacks.append(nan_stop)
     curve = None
     if spec.curve_points and setup.mode == "ps":
         raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
@@ -163,11 +183,25 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     if "epochs" in saved_state:
         epoch_eval.restore(saved_state["epochs"])
     callbacks.append(epoch_eval)
+    callbacks.append(LearningRateLog())  # before TensorBoard and the checkpoints, which record the logs
+    if spec.early_stop is not None:
+        callbacks.append(EarlyStop(epoch_eval, spec.early_stop))
+    fit_verbose, progress = progress_for(spec.verbose, spec.epochs, steps_per_epoch, spec.batch_size, clock, log,
+                                         start_epoch, start_batch, batch_hooks=setup.mode != "ps")
+    if progress is not None:
+        callbacks.append(progress)
     saver = None
     if out is not None:
         state_of = {"clock": clock, "epochs": epoch_eval}
         if curve is not None:
             state_of["curve"] = curve
+        board = TensorBoardLog(out / LOGS_DIR, spec.log_every, steps_per_epoch, start, clock,
+                               hparams=hparams_of(run_info), batch_hooks=setup.mode != "ps")
+        if "tensorboard" in saved_state:
+            board.restore(saved_state["tensorboard"], mid_epoch=start_batch > 0)
+        state_of["tensorboard"] = board
+        if curve is not None:
+            curve.on_point = board.curve_point
         saver = RunCheckpoints(
             store, spec.checkpoint_every, steps_per_epoch, per_pass, spec.seed, start_epoch, start_batch,
             shuffle=spec.shuffle,
@@ -177,17 +211,20 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
             identity={"model": spec.model, "config": config.to_dict()})
         if start_batch and record.get("metrics"):
             build_metrics(model)  # so that the epoch's running metrics can be set before its next step
-        callbacks += [
-            tf.keras.callbacks.TensorBoard(log_dir=str(out / LOGS_DIR), update_freq="epoch", profile_batch=0),
-            saver,  # after TensorBoard: a run killed between the two repeats the epoch's summary, not loses it
-        ]
+        callbacks += [board, saver]  # summaries before checkpoints: a resumed run drops what came after its own
+    stopper = StopOnSignal(saver, steps_per_epoch, nan_stop.check) if setup.mode != "ps" else None
+    if stopper is not None:
+        callbacks.append(stopper)  # last: after the step's checkpoint, if it has one
     history: dict = {}
-    if start < total_steps:
+    # a run resumed from the checkpoint of the epoch where --early-stop ended it has finished training
+    stopped = stopped_after(epoch_eval, spec.early_stop, spec.epochs) if not start_batch else None
+    if start < total_steps and stopped is None:
         if start_batch:
             StartAt(start_epoch, start_batch).attach(model)
         try:
-            fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
-                               initial_epoch=start_epoch, callbacks=callbacks, verbose=spec.verbose)
+            with stop_signals(stopper):  # SIGTERM, SIGINT: a checkpoint at the step, then Stopped
+                fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
+                                   initial_epoch=start_epoch, callbacks=callbacks, verbose=fit_verbose)
         finally:
             StartAt.detach(model)
         history = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
@@ -220,6 +257,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         resumed_from=resumed_from,
         epochs=epoch_eval.epochs,
         best_epoch=epoch_eval.best_epoch,
+        stopped_epoch=stopped_after(epoch_eval, spec.early_stop, spec.epochs),
     )
     line = f"{spec.model} held-out: {evaluation}"
     if teacher is not None:
@@ -228,6 +266,8 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     if val_data is not None and result.selected is not None:
         log(f"{spec.model} best epoch on validation: {result.best_epoch}, test AUC there "
             f"{result.selected['auc']:.4f}")
+    if result.stopped_epoch is not None:
+        log(f"{spec.model} {describe_stop(result.stopped_epoch, result.best_epoch, spec.early_stop)}")
     if out is not None:
         write_json(out / METRICS_FILE, result.to_dict())
     return result

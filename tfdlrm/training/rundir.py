@@ -109,9 +109,12 @@ def _finite(value):
     return value
 
 
-def load_run(run_dir: str, mixed_precision: Optional[str] = "run") -> tuple[tf.keras.Model, dict]:
+def load_run(run_dir: str, mixed_precision: Optional[str] = "run",
+             checkpoint: str = "latest") -> tuple[tf.keras.Model, dict]:
     """Rebuild the model of a run directory from its ``run.json`` and restore its latest
-    complete checkpoint (a run that diverged never saved its broken state).
+    complete checkpoint (a run that diverged never saved its broken state), or the one named
+    by ``checkpoint``: ``best`` (the best epoch on validation), ``epoch-N``, ``step-N``
+    (tfdlrm/training/choose.py).
 
     The model is the plain single-device one whatever ``--devices``/``--parallel`` the
     run trained with: checkpoints name variables by role, and a row-split table
@@ -131,19 +134,17 @@ def load_run(run_dir: str, mixed_precision: Optional[str] = "run") -> tuple[tf.k
         raise UserError(f"{meta_path} is unreadable: {e}") from None
     if mixed_precision == "run":
         mixed_precision = meta.get("mixed_precision")
+    from tfdlrm.training.choose import choose_checkpoint
+
+    chosen = choose_checkpoint(run / CHECKPOINT_DIR, checkpoint, run=str(run_dir))  # latest: the newest complete one
     model = build_model(name, config, mixed_precision=None if mixed_precision in (None, "off") else mixed_precision)
-    latest = CheckpointStore(run / CHECKPOINT_DIR).latest()  # the newest complete one
-    checkpoint = str(run / CHECKPOINT_DIR / latest["name"]) if latest else tf.train.latest_checkpoint(
-        str(run / CHECKPOINT_DIR))
-    if checkpoint is None:
-        raise UserError(f"{run_dir} has no checkpoint under {CHECKPOINT_DIR}/")
-    model.load_weights(checkpoint).expect_partial()
+    model.load_weights(chosen.prefix).expect_partial()
     return model, meta
 
 
 # TrainSpec fields that may change when a run resumes: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "out", "verbose", "devices", "parallel", "budget", "cache_dir",
-                     "checkpoint_every", "deterministic", "restart", "xla")
+                     "checkpoint_every", "keep", "deterministic", "restart", "xla", "log_every")
 
 
 # TrainSpec fields compared by what they resolve to (run.json's top level), not as asked.
@@ -251,7 +252,8 @@ def open_run(out: Path, asked: dict, *, restart: bool, total_steps: int, spec_de
                             f"again") from None
         if metrics.get("diverged"):
             raise UserError(f"{out} diverged earlier ({metrics['diverged']}); --restart trains it again")
-        if epochs == saved_epochs:
+        stopped = metrics.get("stopped_epoch")  # --early-stop ended it: more epochs would not train any further
+        if epochs == saved_epochs or (isinstance(stopped, int) and epochs >= stopped):
             return RunStatus(store, finished=metrics)
     good, _ = store.scan()
     if good and good[-1]["step"] > total_steps:

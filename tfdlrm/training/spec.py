@@ -32,6 +32,13 @@ class TrainSpec:
     lr: float = 0.1
     embedding_optimizer: Optional[str] = None
     embedding_lr: Optional[float] = None
+    # the reference DLRM's learning-rate policy for every optimizer (tfdlrm/training/schedule.py): linear
+    # warmup, then from decay_start_step (default: the warmup's end) a decay of power 2 over decay_steps
+    warmup_steps: int = 0
+    decay_start_step: Optional[int] = None
+    decay_steps: int = 0
+    # stop once the validation AUC has not improved for this many epochs (tfdlrm/training/early_stop.py)
+    early_stop: Optional[int] = None
     seed: int = 1
     # the order of the training rows: a new one each epoch, one per seed, or as stored; and
     # what becomes of an epoch's short last batch (pipelines/batching.py)
@@ -42,7 +49,10 @@ class TrainSpec:
     eval_examples: int = 100_000
     out: Optional[str] = None
     curve_points: int = 0
+    # progress: auto = plain lines (a line redrawn on a terminal), 0 none, 1 or 2 Keras's own
+    # (tfdlrm/training/progress.py); TensorBoard scalars every log_every steps (reporting.py)
     verbose: int | str = "auto"
+    log_every: int = 100
     # tfdlrm.parallel: a device count or list; none|hybrid|mirrored|ps (default: hybrid
     # over several devices); hybrid's per-device byte budget for embeddings.
     devices: Optional[int | str | list] = None
@@ -55,6 +65,9 @@ class TrainSpec:
     # fault tolerance (tfdlrm/training/checkpoints.py): a checkpoint every N steps besides each epoch end;
     # deterministic ops (tf.config.experimental.enable_op_determinism); discard the run in ``out``.
     checkpoint_every: Optional[int] = None
+    # checkpoints kept: the newest N and the best epoch on validation (None: every epoch's, and the newest
+    # two step checkpoints after the last epoch end; tfdlrm/training/checkpoints.py)
+    keep: Optional[int] = None
     deterministic: bool = False
     restart: bool = False
     # speed (tfdlrm/models/fast_step.py): the one-device step (auto = sparse on one device, off in
@@ -84,6 +97,10 @@ class TrainSpec:
             raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.curve_points < 0:
             raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every <= 0:
+            raise UserError(f"--log-every must be a positive number of steps, got {self.log_every!r}")
+        if self.verbose not in ("auto", 0, 1, 2):
+            raise UserError(f"verbose must be 'auto', 0, 1 or 2, got {self.verbose!r}")
         if self.rows is not None and self.rows <= 0:
             raise UserError(f"rows must be positive, got {self.rows}")
         if self.checkpoint_every is not None:
@@ -95,6 +112,17 @@ class TrainSpec:
                 raise UserError("--checkpoint-every needs batch-level callbacks, which Keras does not allow with "
                                 "--parallel ps; ps runs checkpoint at each epoch end")
         make_optimizer(self.optimizer, self.lr)
+        from tfdlrm.training.schedule import check_schedule
+
+        check_schedule(self.warmup_steps, self.decay_start_step, self.decay_steps)
+        if self.early_stop is not None and (isinstance(self.early_stop, bool) or not isinstance(self.early_stop, int)
+                                            or self.early_stop <= 0):
+            raise UserError(f"--early-stop must be a positive number of epochs, got {self.early_stop!r}")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep <= 0:
+                raise UserError(f"--keep must be a positive number of checkpoints, got {self.keep!r}")
+            if not self.out:
+                raise UserError("--keep needs --out: the run directory whose checkpoints it keeps")
         if self.embedding_optimizer is not None or self.embedding_lr is not None:
             make_optimizer(self.embedding_optimizer or self.optimizer, self.embedding_lr or self.lr)
         from tfdlrm.parallel.devices import check_parallel_args
@@ -135,6 +163,8 @@ class RunResult:
     # validation AUC, the last epoch without a validation split.  The test split never selects.
     epochs: list = field(default_factory=list)
     best_epoch: Optional[int] = None
+    # the epoch after which --early-stop ended training, before --epochs (None: it did not)
+    stopped_epoch: Optional[int] = None
 
     @property
     def selected(self) -> Optional[dict]:
