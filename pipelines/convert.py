@@ -13,13 +13,14 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from tfdlrm.errors import UserError, io_error_text
+from tfdlrm.pipelines.bad_rows import BadRows, SplitCounts
 from tfdlrm.pipelines.features import (
     CATEGORICAL_NAMES,
     DENSE_NAMES,
@@ -53,7 +54,6 @@ from tfdlrm.pipelines.splits import (
     plan_inputs,
 )
 from tfdlrm.pipelines.tsv import (
-    BAD_KINDS,
     ChunkReader,
     explain_line,
     is_gzip,
@@ -67,8 +67,6 @@ from tfdlrm.pipelines.vocabulary import (
 )
 from tfdlrm.presets import BAD_ROW_POLICIES, FORMATS
 from tfdlrm.publish import make_partial, recover_beside, replace_dir
-
-BAD_ROW_EXAMPLES = 20  # kept in the manifest
 
 
 @dataclass
@@ -202,18 +200,6 @@ def process_chunk(data, first_line: int, segments: list[Segment],
 
 
 @dataclass
-class SplitCounts:
-    read: int = 0
-    written: int = 0
-    rejected: int = 0
-    rejected_by_kind: dict = field(default_factory=lambda: {k: 0 for k in BAD_KINDS})
-
-    def to_dict(self) -> dict:
-        return {"rows_read": self.read, "rows_written": self.written, "rows_rejected": self.rejected,
-                "rejected_by_kind": dict(self.rejected_by_kind)}
-
-
-@dataclass
 class ConversionResult:
     out: str
     manifest: dict
@@ -306,24 +292,6 @@ def _in_order(pool: ThreadPoolExecutor, jobs, work: Callable, depth: int):
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-class BadRows:
-    """Bad-row policy: stop at the first (error) or count and keep examples (skip)."""
-
-    def __init__(self, policy: str):
-        self.policy = policy
-        self.examples: list[dict] = []
-
-    def handle(self, path: str, bad: list, counts: dict) -> None:
-        for line, split, kind, reason in bad:
-            if self.policy == "error":
-                raise UserError(f"{path} line {line:,}: {reason} (--on-bad-row skip skips bad rows)")
-            c = counts[split]
-            c.rejected += 1
-            c.rejected_by_kind[kind] += 1
-            if len(self.examples) < BAD_ROW_EXAMPLES:
-                self.examples.append({"file": path, "line": line, "split": split, "kind": kind, "reason": reason})
 
 
 def _convert_files(spec: ConvertSpec, files: list[InputFile], directory: Path, pool,

@@ -23,12 +23,12 @@ import numpy as np
 
 from tfdlrm.errors import UserError
 from tfdlrm.pipelines.features import NUM_CATEGORICAL, NUM_DENSE
+from tfdlrm.pipelines.splits import KAGGLE_DAYS, TERABYTE_DAYS, day_sizes
 
 BLOCK_ROWS = 1 << 16
 INT_DIGITS = 10  # counts are clipped below 10**10
 _HEX_WIDTH = 1 + 8  # TAB + 8 hex digits
 FORMATS = ("kaggle", "terabyte")
-KAGGLE_DAYS, TERABYTE_DAYS = 7, 24
 
 
 def hex8(values: np.ndarray) -> np.ndarray:
@@ -129,24 +129,22 @@ class RawRows:
         return text, label, p
 
 
+def _days(spec: GenerateSpec) -> list[int]:
+    """Rows of each day, as ``convert`` splits them (pipelines/splits.py)."""
+    return day_sizes(spec.rows, KAGGLE_DAYS if spec.format == "kaggle" else TERABYTE_DAYS)
+
+
 def _files(spec: GenerateSpec) -> list[tuple[Path, int]]:
     """``(path, rows)`` of each file to write: Kaggle one file, Terabyte day_0 .. day_23."""
     if spec.format == "kaggle":
         return [(Path(spec.out), spec.rows)]
-    base, extra = divmod(spec.rows, TERABYTE_DAYS)
     suffix = ".gz" if spec.gzip else ""
-    return [(Path(spec.out) / f"day_{d}{suffix}", base + (1 if d < extra else 0)) for d in range(TERABYTE_DAYS)]
+    return [(Path(spec.out) / f"day_{d}{suffix}", rows) for d, rows in enumerate(_days(spec))]
 
 
 def _held_out_rows(spec: GenerateSpec) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of the held-out part: Kaggle's day 7 (as convert splits), Terabyte's day 23."""
-    if spec.format == "kaggle":
-        base, extra = divmod(spec.rows, KAGGLE_DAYS)
-        last = base + (1 if KAGGLE_DAYS - 1 < extra else 0)
-        return spec.rows - last, spec.rows
-    base, extra = divmod(spec.rows, TERABYTE_DAYS)
-    last = base + (1 if TERABYTE_DAYS - 1 < extra else 0)
-    return spec.rows - last, spec.rows
+    """Rows ``[start, stop)`` of the held-out part: Kaggle's day 7, Terabyte's day 23 (the last day)."""
+    return spec.rows - _days(spec)[-1], spec.rows
 
 
 def generate(spec: GenerateSpec, log: Callable[[str], None] = print) -> dict:

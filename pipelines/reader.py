@@ -80,8 +80,8 @@ class CriteoDataset:
         self.rows_per_block = int(self.manifest["record"]["rows_per_block"])
         self.num_dense, self.widths = row_layout(self.manifest)
         self.words = 1 + self.num_dense + sum(self.widths)
-        self.multi_hot = any(w > 1 for w in self.widths) or any(
-            c.get("multi_hot") for c in (self.manifest.get("features") or {}).get("columns", ()))
+        # a multi-hot column gives ragged bags, whatever its width (an empty bag is all padding)
+        self.multi_hot = any(c["multi_hot"] for c in (self.manifest.get("features") or {}).get("columns", ()))
 
     @property
     def splits(self) -> tuple[str, ...]:

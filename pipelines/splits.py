@@ -34,7 +34,7 @@ class InputFile:
     sha256: Optional[str] = None
 
 
-def _day_sizes(lines: int, days: int) -> list[int]:
+def day_sizes(lines: int, days: int) -> list[int]:
     """Lines per day, as ``np.array_split``: the first ``lines % days`` days get one more."""
     base, extra = divmod(lines, days)
     return [base + (1 if d < extra else 0) for d in range(days)]
@@ -50,7 +50,7 @@ def held_out_segments(start: int, lines: int, halve: bool) -> list[Segment]:
 
 def kaggle_segments(lines: int, halve: bool) -> list[Segment]:
     """Kaggle's single file: days 1-6 train, day 7 held out."""
-    sizes = _day_sizes(lines, KAGGLE_DAYS)
+    sizes = day_sizes(lines, KAGGLE_DAYS)
     train = sum(sizes[:-1])
     return [Segment(0, train, "train")] + held_out_segments(train, sizes[-1], halve)
 

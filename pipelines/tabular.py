@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import hashlib
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from tfdlrm.errors import UserError, io_error_text
+from tfdlrm.pipelines.bad_rows import BadRows, SplitCounts, bad_row_error
 from tfdlrm.pipelines.manifest import (
     DEFAULT_BLOCK_ROWS,
     DEFAULT_SHARD_ROWS,
@@ -34,6 +34,7 @@ from tfdlrm.pipelines.manifest import (
     SCHEMA_VERSION,
     SplitWriter,
     bytes_digest,
+    file_digest,
     manifest_json,
 )
 from tfdlrm.pipelines.progress import Progress
@@ -46,10 +47,8 @@ from tfdlrm.pipelines.spec import (
     vocabulary_path,
 )
 from tfdlrm.pipelines.table_reader import Chunk, TableReader
-from tfdlrm.pipelines.tsv import BAD_KINDS, is_gzip
+from tfdlrm.pipelines.tsv import is_gzip
 from tfdlrm.presets import BAD_ROW_POLICIES
-
-BAD_ROW_EXAMPLES = 20
 
 
 @dataclass
@@ -93,16 +92,11 @@ class TabularSpec:
 
 
 @dataclass
-class Counts:
-    read: int = 0
-    written: int = 0
-    rejected: int = 0
-    rejected_by_kind: dict = field(default_factory=lambda: {k: 0 for k in BAD_KINDS})
+class Counts(SplitCounts):
     truncated_bags: dict = field(default_factory=dict)  # column -> rows whose bag was cut to the width
 
     def to_dict(self) -> dict:
-        return {"rows_read": self.read, "rows_written": self.written, "rows_rejected": self.rejected,
-                "rejected_by_kind": dict(self.rejected_by_kind), "truncated_bags": dict(self.truncated_bags)}
+        return {**super().to_dict(), "truncated_bags": dict(self.truncated_bags)}
 
 
 def _split_of(spec: TabularSpec, role: str, row: np.ndarray, train_rows: Optional[int]) -> np.ndarray:
@@ -199,26 +193,17 @@ def _convert(spec: TabularSpec, features: FeatureSpec, roles, readers, directory
     if spec.shuffle:
         sinks["train"] = Spool(directory, "train", words, True, 1 + _estimated(spec) // (1 << 20), spec.seed)
     counts = {s: Counts() for s in splits}
-    examples: list = []
+    bad_rows = BadRows(spec.on_bad_row)
     sources = []
     progress.start("writing rows", sum(os.path.getsize(p) for p, _ in roles))
     offset = 0
     for path, role in roles:
         reader = TableReader(path, features)
-        digest = hashlib.sha256()
         for chunk in reader.chunks(progress.at_bytes):
             row_split = _split_of(spec, role, offset + chunk.first_row + np.arange(chunk.rows), train_rows)
             for split in np.unique(row_split):
                 counts[split].read += int(np.sum(row_split == split))
-            for line, i, kind, reason in chunk.bad:
-                if spec.on_bad_row == "error":
-                    raise UserError(f"{path} line {line:,}: {reason} (--on-bad-row skip skips bad rows)")
-                c = counts[row_split[i]]
-                c.rejected += 1
-                c.rejected_by_kind[kind] += 1
-                if len(examples) < BAD_ROW_EXAMPLES:
-                    examples.append({"file": path, "line": line, "split": row_split[i], "kind": kind,
-                                     "reason": reason})
+            bad_rows.handle(path, [(line, row_split[i], kind, reason) for line, i, kind, reason in chunk.bad], counts)
             good_split = row_split[chunk.good] if len(chunk.good) else np.zeros(0, object)
             rows, truncated = _rows(chunk, features, entry, transform)
             for split in np.unique(good_split):
@@ -233,11 +218,8 @@ def _convert(spec: TabularSpec, features: FeatureSpec, roles, readers, directory
         offset = offset + reader.rows if role == "train" else offset
         progress.next_file()
         stat = os.stat(path)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         sources.append({"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                        "sha256": digest.hexdigest(), "rows": reader.rows, "gzip": is_gzip(path), "role": role,
+                        "sha256": file_digest(path)["sha256"], "rows": reader.rows, "gzip": is_gzip(path), "role": role,
                         "delimiter": reader.delimiter, "ignored_columns": reader.ignored})
     progress.done()
     if spec.shuffle:
@@ -252,14 +234,14 @@ def _convert(spec: TabularSpec, features: FeatureSpec, roles, readers, directory
         if c.written == 0:
             why = f" ({c.rejected:,} bad rows skipped)" if c.rejected else ""
             raise UserError(f"the {split} split has no valid rows{why}: nothing to train or evaluate on")
-    return {**_manifest(spec, features, entry, writers, counts, examples, sources, words),
+    return {**_manifest(spec, features, entry, writers, counts, bad_rows.examples, sources, words),
             "vocabulary_files": vocabulary_files}
 
 
 def _stop_at_bad(spec: TabularSpec, path: str, chunk: Chunk) -> None:
     if spec.on_bad_row == "error" and chunk.bad:
         line, _, _, reason = chunk.bad[0]
-        raise UserError(f"{path} line {line:,}: {reason} (--on-bad-row skip skips bad rows)")
+        raise bad_row_error(path, line, reason)
 
 
 def _estimated(spec: TabularSpec) -> int:

@@ -48,14 +48,10 @@ def machine() -> dict:
 
 
 def _memory_gib() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    from tfdlrm.training.memory import proc_bytes
+
+    total = proc_bytes("/proc/meminfo", "MemTotal")
+    return None if total is None else round(total / 2**30, 1)
 
 
 def huge_pages() -> dict:

@@ -34,6 +34,14 @@ from tfdlrm.cli.commands import (
 from tfdlrm.presets import MODEL_NAMES, OPTIMIZER_NAMES, PRESET_NAMES
 
 
+def add_progress_flags(parser) -> None:
+    """``--progress`` / ``--quiet``: the stderr progress line of generate and convert (default: on a terminal)."""
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument("--progress", action="store_true", default=None,
+                          help="show the progress line even when stderr is not a terminal")
+    progress.add_argument("--quiet", dest="progress", action="store_false", help="no progress line")
+
+
 def add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="export a training run as a SavedModel for TF Serving (raw features in, probability out)",
@@ -110,10 +118,7 @@ def add_generate_parser(sub) -> None:
                    help="fraction of dense and categorical values left empty (default: 0.05)")
     p.add_argument("--gzip", action="store_true", help="terabyte: write day_N.gz")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
-    progress = p.add_mutually_exclusive_group()
-    progress.add_argument("--progress", action="store_true", default=None,
-                          help="show the progress line even when stderr is not a terminal")
-    progress.add_argument("--quiet", dest="progress", action="store_false", help="no progress line")
+    add_progress_flags(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -161,10 +166,7 @@ def add_convert_parser(sub) -> None:
     g.add_argument("--rows-per-block", type=positive_int, default=4096,
                    help="rows per TFRecord record (default: 4096)")
     g.add_argument("--workers", type=positive_int, default=2, help="parsing threads (default: 2)")
-    progress = g.add_mutually_exclusive_group()
-    progress.add_argument("--progress", action="store_true", default=None,
-                          help="show the progress line even when stderr is not a terminal")
-    progress.add_argument("--quiet", dest="progress", action="store_false", help="no progress line")
+    add_progress_flags(g)
     p.set_defaults(func=cmd_convert)
 
 

@@ -132,29 +132,27 @@ def estimate_training_memory(model: str, config: ModelConfig, optimizer: str = "
 
 
 # -- the machine ------------------------------------------------------------------------------------------
-def available_memory() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (memory that can be had without swapping),
-    or None where there is no such file."""
+def proc_bytes(path: str, field: str) -> Optional[int]:
+    """A ``kB`` field of a ``/proc`` file (``field: N kB``) in bytes, or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (memory that can be had without swapping),
+    or None where there is no such file."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def process_rss() -> Optional[int]:
     """This process's resident set (``VmRSS`` of ``/proc/self/status``) in bytes, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 def parse_memory_limit(value) -> Optional[int]:
