@@ -212,6 +212,12 @@ ROWS = [
     ("bench-serving/requests-zero", ["bench", "serving", "--requests", "0"], ["--requests", "positive"],
      {"command": ("bench", "serving")}),
 
+    ("bench-fit/repeats-zero", ["bench", "fit", "--repeats", "0"], ["--repeats", "positive"],
+     {"command": ("bench", "fit")}),
+    ("bench-fit/train-fails", ["bench", "fit", "--batch-sizes", "128", "--repeats", "1", "--train-examples", "10",
+                               "--tmp-dir", "{tmp}"],
+     ["bench fit", "failed (exit 2)", "train examples must be at least 1024"], {"absent": ["tfdlrm-bench-fit-*"]}),
+
     # -- bench parallel
     ("bench-parallel/device-counts-zero", ["bench", "parallel", "--device-counts", "0"], ["device counts"], {}),
     ("bench-parallel/steps-zero", ["bench", "parallel", "--steps", "0"], ["--steps", "positive"], {}),

@@ -65,3 +65,31 @@ def test_config_round_trip():
     layer = DotInteraction(self_interaction=True, name="x")
     assert DotInteraction.from_config(layer.get_config()).self_interaction is True
     assert CatInteraction.from_config(CatInteraction(name="c").get_config()).name == "c"
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_bf16_selection_matmul_equals_the_gather_forward_and_backward(self_interaction):
+    """In bfloat16 the triangle is taken by a 0/1 matrix product (the default there): the same
+    numbers as the gather, bit for bit, and the same gradients."""
+    rng = np.random.default_rng(3)
+    dense = tf.constant(rng.normal(size=(64, 8)), tf.bfloat16)
+    emb = tf.constant(rng.normal(size=(64, 5, 8)), tf.float32)
+    upstream = tf.constant(rng.normal(size=(64, 8 + (6 * 7 if self_interaction else 6 * 5) // 2)), tf.bfloat16)
+    layer = DotInteraction(self_interaction=self_interaction, dtype="mixed_bfloat16")
+    results = {}
+    for pick in ("matmul", "gather"):
+        with tf.GradientTape() as tape:
+            tape.watch([dense, emb])
+            out = layer(dense, emb, pick=pick)
+            loss = tf.reduce_sum(tf.cast(out * upstream, tf.float32))
+        results[pick] = [out.numpy().astype(np.float32)] + [g.numpy().astype(np.float32)
+                                                           for g in tape.gradient(loss, [dense, emb])]
+    assert layer(dense, emb).dtype == tf.bfloat16
+    np.testing.assert_array_equal(layer(dense, emb).numpy().astype(np.float32), results["gather"][0])  # default
+    for a, b in zip(results["matmul"], results["gather"]):
+        np.testing.assert_array_equal(a, b)
+    expected = numpy_dot(dense.numpy().astype(np.float32), tf.cast(tf.cast(emb, tf.bfloat16), tf.float32).numpy(),
+                         self_interaction)
+    np.testing.assert_allclose(results["matmul"][0], expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="pick must be gather or matmul"):
+        layer(dense, emb, pick="slice")

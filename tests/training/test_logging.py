@@ -198,7 +198,8 @@ def test_fit_converts_no_step_logs_and_plain_progress_goes_to_the_log(tmp_path, 
 
 
 def test_quiet_prints_no_progress_but_the_results():
-    args = ["train", "--train-examples", "4096", "--eval-examples", "1024", "--batch-size", "512", "--xla", "off"]
+    args = ["train", "--train-examples", "4096", "--eval-examples", "1024", "--batch-size", "512", "--xla", "off",
+            "--steps-per-execution", "4"]  # callbacks at steps 4 and 8 (auto: 8, one call an epoch)
     loud, quiet = run_main(args), run_main(args + ["--quiet"])
     assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "epoch 1/1   50%  step 4/8  loss " in loud.stdout and "\r" not in loud.stdout and "\b" not in loud.stdout

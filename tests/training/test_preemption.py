@@ -67,8 +67,9 @@ def signal_at_step(monkeypatch, number: int, step: int) -> None:
     original = StopOnNonFinite.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):
+        before = self.step
         original(self, batch, logs)
-        if self.step == step:
+        if before < step <= self.step:  # at the end of the call of the train function that ran the step
             os.kill(os.getpid(), number)
 
     monkeypatch.setattr(StopOnNonFinite, "on_train_batch_end", on_train_batch_end)
@@ -98,11 +99,15 @@ def test_sigint_checkpoints_the_step_and_the_rerun_ends_identical(tmp_path, monk
     assert_same_summaries(uninterrupted / "logs", out / "logs")
 
 
-def test_without_a_run_directory_nothing_is_saved(monkeypatch):
+@pytest.mark.parametrize("per_call, stopped_at", [(1, 3), (None, 5)])
+def test_without_a_run_directory_nothing_is_saved(monkeypatch, per_call, stopped_at):
+    """The stop comes at the end of the call of the train function the signal came in: with the
+    default of 5 steps a call here (dividing --log-every 5), at step 5."""
     before = signal.getsignal(signal.SIGTERM)
     signal_at_step(monkeypatch, signal.SIGTERM, 3)
-    with pytest.raises(Stopped, match=r"^stopped by SIGTERM at step 3; nothing saved \(no run directory, --out\)$") as e:
-        train(TrainSpec(**{**SETTINGS, "checkpoint_every": None}), log=lambda s: None)
+    with pytest.raises(Stopped, match=rf"^stopped by SIGTERM at step {stopped_at}; nothing saved "
+                                      r"\(no run directory, --out\)$") as e:
+        train(TrainSpec(**{**SETTINGS, "checkpoint_every": None, "steps_per_execution": per_call}), log=lambda s: None)
     assert e.value.exit_status == 143 and signal.getsignal(signal.SIGTERM) == before
 
 

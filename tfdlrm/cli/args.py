@@ -213,6 +213,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true",
                    help="no progress (plain lines every 10%% of an epoch, or a line redrawn on a terminal); "
                         "results are still printed")
+    g.add_argument("--steps-per-execution", type=positive_int, metavar="N",
+                   help="training steps a call of Keras's train function runs, one device (default: about 4096 "
+                        "examples' worth, at most 32, dividing --log-every and --checkpoint-every); callbacks "
+                        "run once a call")
     add_speed_args(p)
     add_parallel_args(p)
 

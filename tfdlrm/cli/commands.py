@@ -28,7 +28,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         devices=args.devices, parallel=args.parallel, budget=args.budget,
         cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
         checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
-        log_every=args.log_every, verbose=0 if args.quiet else "auto",
+        log_every=args.log_every, steps_per_execution=args.steps_per_execution, verbose=0 if args.quiet else "auto",
         xla=args.xla, mixed_precision=args.mixed_precision, memory_limit=args.memory_limit, **extra,
     )
 
@@ -113,6 +113,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
     plan = plan_for(config, args.devices, args.budget, args.model)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
+
+
+def cmd_bench_fit(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from tfdlrm.bench.fit import bench_fit, format_fit
+
+    result = bench_fit(batch_sizes=args.batch_sizes, repeats=args.repeats, model=args.model, preset=args.preset,
+                       rows=args.rows, examples=args.train_examples, extra=shlex.split(args.train_args), tmp_dir=args.tmp_dir,
+                       log=progress_log(args))
+    print(json.dumps(result, indent=2) if args.json else format_fit(result))
     return 0
 
 

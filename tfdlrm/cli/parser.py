@@ -18,6 +18,7 @@ from tfdlrm.cli.args import (
     positive_int,
 )
 from tfdlrm.cli.commands import (
+    cmd_bench_fit,
     cmd_bench_parallel,
     cmd_bench_pipeline,
     cmd_bench_serving,
@@ -218,6 +219,24 @@ def add_bench_parser(sub):
     b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     b.set_defaults(func=cmd_bench_serving)
     add_bench_train_parser(benches)
+    b = benches.add_parser(
+        "fit", help="train itself end to end (metrics.json's examples/s) at batch 128 and 2048",
+        description="Run `train --data synthetic` in fresh processes with every default on (progress, "
+                    "evaluations, checkpoints, TensorBoard) and report metrics.json's examples/s (median of "
+                    "--repeats, batch sizes interleaved), the command's wall time and peak memory, against the "
+                    "PyTorch reference DLRM's figures on this machine.")
+    b.add_argument("--batch-sizes", type=int_list, default=[128, 2048], help="batch sizes (default: 128,2048)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="runs per batch size (default: 3)")
+    b.add_argument("--model", default="dlrm", choices=MODEL_NAMES, help="model (default: dlrm)")
+    b.add_argument("--preset", default="kaggle", choices=PRESET_NAMES, help="preset (default: kaggle)")
+    b.add_argument("--rows", type=positive_int, help="rows per table (default: the preset's)")
+    b.add_argument("--train-examples", type=positive_int,
+                   help="training rows of a run (default: 500000 below batch 1024, else 2000000)")
+    b.add_argument("--train-args", default="", metavar="FLAGS",
+                   help="more train flags, one quoted string (e.g. \"--steps-per-execution 1\")")
+    b.add_argument("--tmp-dir", help="where the runs' directories go (default: the system's)")
+    b.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    b.set_defaults(func=cmd_bench_fit)
     return benches
 
 

@@ -1,6 +1,8 @@
 """InteractionArch: how the dense vector and the embedding vectors are combined."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -20,6 +22,16 @@ def dot_pair_indices(num_vectors: int, self_interaction: bool = False) -> np.nda
     )
 
 
+@functools.lru_cache(maxsize=16)
+def selection_matrix(num_vectors: int, self_interaction: bool = False) -> np.ndarray:
+    """``[n * n, pairs]`` 0/1 float32: column ``p`` picks the ``p``-th entry of
+    :func:`dot_pair_indices` from a flattened Gram matrix."""
+    index = dot_pair_indices(num_vectors, self_interaction)
+    matrix = np.zeros([num_vectors * num_vectors, len(index)], np.float32)
+    matrix[index, np.arange(len(index))] = 1.0
+    return matrix
+
+
 class DotInteraction(tf.keras.layers.Layer):
     """Pairwise dot products of the dense vector and every embedding vector.
 
@@ -33,11 +45,13 @@ class DotInteraction(tf.keras.layers.Layer):
     ``(features + 1) * features / 2`` dot products of distinct vectors (plus the
     ``features + 1`` squared norms with ``self_interaction=True``).
 
-    The lower triangle of the Gram matrix is taken with a static ``tf.gather``, not
-    ``tf.boolean_mask``, so the layer compiles under XLA.  (Measured against slicing
-    each row of the triangle, a transposed gather and per-pair products, forward and
-    backward, float32 and bfloat16: the gather was as fast or faster.)  Embeddings are
-    cast to the layer's compute dtype (bfloat16 under a ``mixed_bfloat16`` policy).
+    The lower triangle of the Gram matrix is taken with a static ``tf.gather`` in
+    float32, not ``tf.boolean_mask``, so the layer compiles under XLA.  (Measured against
+    slicing each row of the triangle, a transposed gather and per-pair products, forward
+    and backward, float32 and bfloat16: the gather was as fast or faster.)  In bfloat16 a
+    product with a 0/1 selection matrix takes the same entries exactly, faster (``pick``).
+    Embeddings are cast to the layer's compute dtype (bfloat16 under a ``mixed_bfloat16``
+    policy).
 
     The pairs are in the order of :func:`dot_pair_indices`: the Gram matrix's lower
     triangle, row-major, as the reference DLRM and TFRS's ``DotInteraction``.
@@ -53,13 +67,18 @@ class DotInteraction(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.self_interaction = bool(self_interaction)
 
-    def call(self, dense, embeddings):
+    def call(self, dense, embeddings, pick=None):
         """Concatenates ``dense`` and the pairwise dot products of all the vectors.
 
         Args:
           dense: ``[batch, dim]`` tensor, the bottom MLP's output.
           embeddings: ``[batch, features, dim]`` tensor, one vector per categorical
             feature; cast to ``dense``'s dtype.
+          pick: how the triangle is taken from the Gram matrix: ``"gather"`` (a static
+            ``tf.gather``) or ``"matmul"`` (a product with a 0/1 selection matrix, one 1 a
+            column: the same numbers, and oneDNN's bfloat16 matmul and its gradient run faster
+            than the gather and its scatter-add); default ``matmul`` in bfloat16, else
+            ``gather``.  Use ``gather`` inside XLA, whose CPU matmuls are float32.
 
         Returns:
           ``[batch, dim + pairs]`` tensor, with ``pairs = (features + 1) * features / 2``
@@ -79,7 +98,14 @@ class DotInteraction(tf.keras.layers.Layer):
         n = vectors.shape[1]
         gram = tf.matmul(vectors, vectors, transpose_b=True)  # [batch, n, n]
         flat = tf.reshape(gram, [-1, n * n])
-        pairs = tf.gather(flat, dot_pair_indices(n, self.self_interaction), axis=1)
+        if pick is None:
+            pick = "matmul" if flat.dtype == tf.bfloat16 else "gather"
+        if pick == "matmul":
+            pairs = tf.matmul(flat, tf.constant(selection_matrix(n, self.self_interaction), flat.dtype))
+        elif pick == "gather":
+            pairs = tf.gather(flat, dot_pair_indices(n, self.self_interaction), axis=1)
+        else:
+            raise ValueError(f"pick must be gather or matmul, got {pick!r}.")
         return tf.concat([dense, pairs], axis=1)
 
     def get_config(self):

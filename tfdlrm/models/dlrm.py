@@ -47,7 +47,12 @@ class DLRM(RecommenderModel):
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         bottom = self.dense_arch(dense)  # [batch, dim]
-        interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
+        if self.config.interaction == "dot":
+            # inside XLA (the whole step compiled) the triangle is gathered: XLA's CPU matmuls are float32
+            whole_step_compiled = compiled_parts and getattr(self.fast_step, "mode", None) == "full"
+            interacted = self.interaction_arch(bottom, embedded, pick="gather" if whole_step_compiled else None)
+        else:
+            interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
         return tf.cast(self.over_arch(interacted), tf.float32)  # [batch, 1]
 
     def get_config(self):

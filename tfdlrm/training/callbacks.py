@@ -14,7 +14,7 @@ from tfdlrm.training.checkpoints import (
     non_finite_variable,
     restore_metric_state,
 )
-from tfdlrm.training.stream import pass_order
+from tfdlrm.training.stream import crossed, pass_order
 
 
 class TrainingClock(tf.keras.callbacks.Callback):
@@ -59,30 +59,34 @@ class StopOnNonFinite(tf.keras.callbacks.Callback):
     (the checkpoint steps) and at each epoch end (``check()``: also before any other save), not
     each step: reading a step's tensor waits for that step.  The losses between are kept unread
     and read together, so the step named is exact (Keras's ``loss`` is the epoch's running mean:
-    NaN from its first NaN batch on).
+    NaN from its first NaN batch on); with several steps a call of the train function
+    (``steps_per_execution``) Keras gives one loss a call, and the step named is the end of the
+    call in which the loss became NaN.
     """
 
     MAX_UNREAD = 1000  # loss tensors held between two reads
 
     def __init__(self, checkpoints: Union[str, Callable[[], Optional[str]], None] = None, first_step: int = 0,
-                 every: int = 1, also_every: Optional[int] = None):
+                 every: int = 1, also_every: Optional[int] = None, steps_per_epoch: Optional[int] = None):
         super().__init__()
         self._supports_tf_logs = True  # the logs' tensors, unread (Callback.__init__ sets it on the instance)
         self.checkpoints = checkpoints
         self.step = int(first_step)
         self.epoch = 0
         self.every, self.also_every = int(every), also_every
+        self.steps_per_epoch = steps_per_epoch  # given: steps from the batch index (several steps a call)
         self._pending: list = []  # (step, loss tensor) since the last check
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
+        before = self.step
+        self.step = (self.epoch - 1) * self.steps_per_epoch + batch + 1 if self.steps_per_epoch else self.step + 1
         loss = (logs or {}).get("loss")
         if loss is not None:
             self._pending.append((self.step, loss))
-        if (self.step % self.every == 0 or (self.also_every and self.step % self.also_every == 0)
+        if (crossed(before, self.step, self.every) or crossed(before, self.step, self.also_every)
                 or len(self._pending) >= self.MAX_UNREAD):
             self.check()
 
@@ -150,9 +154,10 @@ class LearningCurve(tf.keras.callbacks.Callback):
             self._last = tuple(state["last"])
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
+        before = self._step
+        self._step += batch + 1 - self._epoch_batches  # a call of the train function may run several steps
         self._epoch_batches = batch + 1
-        if self._step % self.every == 0:
+        if crossed(before, self._step, self.every):
             self._record(logs or {})
 
     def on_epoch_end(self, epoch, logs=None):
@@ -284,9 +289,10 @@ class RunCheckpoints(tf.keras.callbacks.Callback):
             self._resume_metrics = None
 
     def on_train_batch_end(self, batch, logs=None):
+        before = self.epoch * self.steps_per_epoch + self.batch
         self.batch = batch + 1
         step = self.epoch * self.steps_per_epoch + self.batch
-        if self.every and step % self.every == 0 and self.batch < self.steps_per_epoch:
+        if crossed(before, step, self.every) and self.batch < self.steps_per_epoch:
             self._save("step", f"step-{step:08d}", step, self.epoch, self.batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):

@@ -54,7 +54,12 @@ from tfdlrm.training.spec import (
     model_config_for,
     result_from_dict,
 )
-from tfdlrm.training.stream import StartAt, training_stream
+from tfdlrm.training.stream import (
+    StartAt,
+    steps_a_call,
+    steps_per_execution,
+    training_stream,
+)
 
 
 def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
@@ -120,13 +125,16 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         model = build_model(spec.model, config, mixed_precision=precision)
         lr, embedding_lr = (scheduled_lr(rate, spec.warmup_steps, spec.decay_start_step, spec.decay_steps)
                             for rate in (spec.lr, spec.embedding_lr))  # a number, or the reference's schedule
+        # several steps a call of the train function on one device (callbacks run once a call)
+        per_call = steps_per_execution(spec.batch_size, spec.log_every, spec.checkpoint_every,
+                                       asked=spec.steps_per_execution) if setup.mode == "none" else 1
         compile_model(model, spec.optimizer, lr, spec.embedding_optimizer, embedding_lr, xla=xla)
     setup.attach(model)
     params = model.count_params()
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
         f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
         f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}; "
-        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs")
+        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs, {per_call} steps a call")
     if setup.plan is not None and len(setup.devices) > 1:
         per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
         log(f"embedding bytes per device: {per_device}")
@@ -166,15 +174,16 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     nan_stop = None
     if setup.mode != "ps":  # Keras allows no batch-level callbacks under ParameterServerStrategy
         nan_stop = StopOnNonFinite(store.describe_latest if store else None, first_step=start, every=spec.log_every,
-                                   also_every=spec.checkpoint_every)
+                                   also_every=spec.checkpoint_every, steps_per_epoch=steps_per_epoch)
         callbacks.append(nan_stop)
     curve = None
     if spec.curve_points and setup.mode == "ps":
         raise UserError("learning curves (--curve-points) need batch-level callbacks, which Keras does not "
                         "allow with --parallel ps; use --curve-points 0")
     if spec.curve_points:
+        every = max(1, total_steps // spec.curve_points)
         curve = LearningCurve(val_data if val_data is not None else eval_data,
-                              max(1, total_steps // spec.curve_points), spec.batch_size)
+                              max(per_call, every - every % per_call), spec.batch_size)  # at the end of a call
         if "curve" in saved_state:
             curve.restore(saved_state["curve"], mid_epoch=start_batch > 0)
         callbacks.append(curve)
@@ -222,7 +231,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         if start_batch:
             StartAt(start_epoch, start_batch).attach(model)
         try:
-            with stop_signals(stopper):  # SIGTERM, SIGINT: a checkpoint at the step, then Stopped
+            with stop_signals(stopper), steps_a_call(model, per_call):  # SIGTERM, SIGINT: a checkpoint, Stopped
                 fitted = model.fit(train_data, epochs=spec.epochs, steps_per_epoch=steps_per_epoch,
                                    initial_epoch=start_epoch, callbacks=callbacks, verbose=fit_verbose)
         finally:

@@ -28,6 +28,8 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfdlrm.training.stream import crossed
+
 EVENTS = "events.out.tfevents"
 
 
@@ -110,6 +112,7 @@ class TensorBoardLog(tf.keras.callbacks.Callback):
         self._supports_tf_logs = True  # the step's tensors are not read between points
         self.dir, self.every, self.steps_per_epoch = Path(logs_dir), int(every), int(steps_per_epoch)
         self.step = self.first_step = int(first_step)
+        self._epoch = 0
         self.clock, self.hparams, self.batch_hooks = clock, hparams, batch_hooks
         self.writer = None
         # (step, training seconds, loss sum, loss count) at the previous point of this epoch
@@ -153,14 +156,15 @@ class TensorBoardLog(tf.keras.callbacks.Callback):
         return 0.0, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
         if self._resume_last is not None:  # resumed mid-epoch: its metrics are restored, and so is this
             self._last, self._resume_last = self._resume_last, None
         else:
             self._last = (self.step, self._seconds(), 0.0, 0.0)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step % self.every:
+        before, self.step = self.step, self._epoch * self.steps_per_epoch + batch + 1  # a call may run several steps
+        if not crossed(before, self.step, self.every):
             return
         step0, seconds0, total0, count0 = self._last
         total, count = self._loss_sums()

@@ -53,6 +53,8 @@ class TrainSpec:
     # (tfdlrm/training/progress.py); TensorBoard scalars every log_every steps (reporting.py)
     verbose: int | str = "auto"
     log_every: int = 100
+    # steps a call of Keras's train function runs on one device (None: auto, training/stream.py)
+    steps_per_execution: Optional[int] = None
     # tfdlrm.parallel: a device count or list; none|hybrid|mirrored|ps (default: hybrid
     # over several devices); hybrid's per-device byte budget for embeddings.
     devices: Optional[int | str | list] = None
@@ -99,6 +101,10 @@ class TrainSpec:
             raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every <= 0:
             raise UserError(f"--log-every must be a positive number of steps, got {self.log_every!r}")
+        if self.steps_per_execution is not None and (isinstance(self.steps_per_execution, bool) or not isinstance(
+                self.steps_per_execution, int) or self.steps_per_execution <= 0):
+            raise UserError(f"--steps-per-execution must be a positive number of steps, got "
+                            f"{self.steps_per_execution!r}")
         if self.verbose not in ("auto", 0, 1, 2):
             raise UserError(f"verbose must be 'auto', 0, 1 or 2, got {self.verbose!r}")
         if self.rows is not None and self.rows <= 0:

@@ -1,6 +1,10 @@
 """The training batches as one stream over all epochs, resumable at any step."""
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
@@ -8,6 +12,54 @@ from tfdlrm.presets import SHUFFLES
 
 _SEED_MULTIPLIER = 1_000_003
 _SEED_MODULUS = 2**31 - 1
+
+
+EXECUTION_EXAMPLES = 4096  # examples a call of the train function covers (steps_per_execution, auto)
+MAX_STEPS_PER_EXECUTION = 32
+
+
+def steps_per_execution(batch_size: int, *intervals: Optional[int], asked: Optional[int] = None) -> int:
+    """Training steps a call of Keras's train function runs (``steps_per_execution``): ``asked``,
+    else about :data:`EXECUTION_EXAMPLES` examples' worth (at most 32 steps; 1 from batch 4096),
+    the largest such count dividing every interval given (``--log-every``, ``--checkpoint-every``),
+    so that those events fall on the end of a call.  Callbacks see a batch end per call; a batch
+    of 128 spends ~0.5 ms a step in Python and Keras's loop otherwise (docs/benchmarks.md)."""
+    if asked is not None:
+        return int(asked)
+    target = max(1, min(MAX_STEPS_PER_EXECUTION, EXECUTION_EXAMPLES // max(1, int(batch_size))))
+    common = 0
+    for interval in intervals:
+        if interval:
+            common = math.gcd(common, int(interval))
+    if common == 0:
+        return target
+    return max(d for d in range(1, target + 1) if common % d == 0)
+
+
+@contextmanager
+def steps_a_call(model, steps: int) -> Iterator[None]:
+    """Within the block, ``model.fit`` runs ``steps`` training steps a call of its train function
+    (Keras's ``steps_per_execution``, which its data handler and train function read); 1 again
+    after it.  The predict function (``predict_on_batch``: the callbacks' exact evaluations) is made
+    first, so that it stays one batch a call."""
+    counter = getattr(model, "_steps_per_execution", None)
+    if steps == 1 or counter is None:
+        yield
+        return
+    model.make_predict_function()  # while the counter is 1: a function of one batch, kept
+    counter.assign(steps)
+    model.train_function = None  # traced again: the loop of ``steps`` steps
+    try:
+        yield
+    finally:
+        counter.assign(1)
+        model.train_function = None
+
+
+def crossed(before: int, after: int, every: Optional[int]) -> bool:
+    """Did the step count pass a multiple of ``every`` going from ``before`` to ``after``?  (A call
+    of the train function may run several steps: an event due inside it happens at its end.)"""
+    return bool(every) and after // every > before // every
 
 
 def pass_seed(seed, p):
