@@ -51,6 +51,8 @@ def test_report_files_are_consistent(finished):
         assert len(best) == 1 and best[0]["test"]["auc"] == run["auc"]  # the test AUC at the best epoch on val
         assert run["best_epoch"] == max(metrics["epochs"], key=lambda e: e["val"]["auc"])["epoch"]
         assert run["params"] > 0 and run["examples_per_second"] > 0 and run["train_seconds"] > 0
+        # the held-out evaluations' seconds, apart from the training time: the curve points' and the epoch end's
+        assert run["eval_seconds"] == metrics["eval_seconds"] > metrics["curve_seconds"] > 0
     markdown = (out / REPORT_MD).read_text()
     for run in data["runs"]:
         assert f"| {run['model']} | adagrad | {run['seed']} | {run['best_epoch']} | {run['auc']:.4f} |" in markdown
@@ -62,6 +64,10 @@ def test_report_files_are_consistent(finished):
         assert all(0 <= p["eval_auc"] <= 1 and 0 <= p["train_accuracy"] <= 1 for p in curve["points"])
     table = format_table(report)
     assert "teacher AUC" in table and "dlrm" in table and "dcn" in table
+    curve = sum(r.curve_seconds for r in report.results)
+    line = f"Held-out evaluation: 16 curve points {curve:.1f} s ("
+    assert line in table and line in markdown and "4 epoch ends" in table
+    assert all(p["eval_examples"] == 2048 for c in data["curves"] for p in c["points"])  # the whole (small) split
 
 
 def test_reported_auc_equals_an_independent_rank_computation(finished):

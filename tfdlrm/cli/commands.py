@@ -64,7 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tfdlrm.compare import compare, format_table
 
-    specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points)
+    specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points,
+                            curve_examples=args.curve_examples)
              for optimizer in args.optimizers for model in args.models for seed in args.seeds]
     # The command that reproduces the report: --retrain/--restart only say how this run treated
     # earlier results, so they are left out.

@@ -285,6 +285,9 @@ def build_parser() -> Parser:
                         "(default BASE: saved_models)")
     p.add_argument("--curve-points", type=non_negative_int, default=20,
                    help="points on each learning curve, each an exact held-out evaluation (default: 20; 0 = none)")
+    p.add_argument("--curve-examples", type=non_negative_int, default=8192, metavar="N",
+                   help="validation rows each curve point evaluates, the same first N at every point (default: "
+                        "8192; 0 = the whole split); the epoch ends evaluate every row")
     add_model_args(p)
     add_data_args(p)
     add_training_args(p)

@@ -20,7 +20,7 @@ from tfdlrm.training.spec import RunResult, TrainSpec
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
-METRICS = ("auc", "logloss", "accuracy", "params", "train_seconds", "examples_per_second")
+METRICS = ("auc", "logloss", "accuracy", "params", "train_seconds", "examples_per_second", "eval_seconds")
 # Settings that may differ between the runs of one comparison.
 PER_RUN = ("model", "optimizer", "lr", "embedding_optimizer", "embedding_lr", "seed", "out", "verbose")
 
@@ -58,7 +58,7 @@ def run_row(spec: TrainSpec, result: RunResult) -> dict:
         "auc": chosen["auc"], "logloss": chosen["logloss"], "accuracy": chosen["accuracy"],
         "best_epoch": result.best_epoch, "final_auc": e.auc, "params": result.params,
         "train_seconds": result.train_seconds, "examples_per_second": result.examples_per_second,
-        "examples": result.examples, "eval_examples": e.examples, "diverged": result.diverged,
+        "eval_seconds": result.eval_seconds, "examples": result.examples, "eval_examples": e.examples, "diverged": result.diverged,
     }
 
 
@@ -139,19 +139,33 @@ def format_table(report: Comparison) -> str:
     """The console table: one line per model and optimizer, mean ± std over seeds."""
     summary = report.summary()
     header = (f"{'model':8} {'optimizer':9} {'seeds':>5} {'params':>11} {'AUC':>17} {'log loss':>17} "
-              f"{'accuracy':>17} {'examples/s':>10} {'train s':>8}")
+              f"{'accuracy':>17} {'examples/s':>10} {'train s':>8} {'eval s':>7}")
     lines = [header, "-" * len(header)]
     for e in summary:
         lines.append(f"{e['model']:8} {e['optimizer']:9} {len(e['seeds']):>5} {_num(e['params_mean']):>11} "
                      f"{_pm(e, 'auc', 4):>17} {_pm(e, 'logloss', 4):>17} {_pm(e, 'accuracy', 4):>17} "
-                     f"{_num(e['examples_per_second_mean']):>10} {_num(e['train_seconds_mean'], 1):>8}"
+                     f"{_num(e['examples_per_second_mean']):>10} {_num(e['train_seconds_mean'], 1):>8} "
+                     f"{_num(e['eval_seconds_mean'], 1):>7}"
                      + (f"  diverged: seed {','.join(map(str, e['diverged_seeds']))}" if e["diverged_seeds"] else ""))
+    lines.append(evaluation_share(report))
     if report.teacher_auc is not None:
         lines.append(f"teacher AUC (the ceiling on this synthetic data): {report.teacher_auc:.4f}")
     for d in report.differences():
         lines.append(f"AUC {d.a} - {d.b} ({d.optimizer}): {_signed(d.difference)} (95% CI {_signed(d.low)} .. {_signed(d.high)}, "
                      f"{d.method}): {d.verdict()}")
     return "\n".join(lines)
+
+
+def evaluation_share(report: Comparison) -> str:
+    """One line: the runs' held-out evaluation time (curve points, epoch ends) beside their training time."""
+    finished = [r for r in report.results if not r.diverged]
+    train = sum(r.train_seconds for r in finished if math.isfinite(r.train_seconds))
+    points = [p for r in finished for p in r.curve]
+    curve = sum(r.curve_seconds for r in finished)
+    share = f" ({100 * curve / train:.1f}% of the training time)" if train > 0 else ""
+    return (f"Held-out evaluation: {len(points)} curve points {curve:.1f} s{share}, "
+            f"{sum(len(r.epochs) for r in finished)} epoch ends {sum(r.eval_seconds for r in finished) - curve:.1f} s; "
+            f"training {train:.1f} s")
 
 
 def format_markdown(report: Comparison) -> str:
@@ -166,15 +180,17 @@ def format_markdown(report: Comparison) -> str:
         "Metrics are exact, over the whole held-out (test) split: " + report.selection()
         + "; ± is the sample standard deviation over seeds.",
         "",
-        "| model | optimizer | lr | seeds | params | AUC | log loss | accuracy | AUC range | examples/s | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | lr | seeds | params | AUC | log loss | accuracy | AUC range | examples/s | train s "
+        "| eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report.summary():
         lines.append(
             f"| {e['model']} | {e['optimizer']} | {e['lr']} | {','.join(map(str, e['seeds']))} | "
             f"{_num(e['params_mean'])} | {_pm(e, 'auc', 4)} | {_pm(e, 'logloss', 4)} | {_pm(e, 'accuracy', 4)} | "
             f"{_range(e, 'auc', 4)} | {_num(e['examples_per_second_mean'])} | "
-            f"{_num(e['train_seconds_mean'], 1)} |")
+            f"{_num(e['train_seconds_mean'], 1)} | {_num(e['eval_seconds_mean'], 1)} |")
+    lines += ["", evaluation_share(report) + " (not in train s)."]
     diverged = [(e["model"], e["optimizer"], s) for e in report.summary() for s in e["diverged_seeds"]]
     if diverged:
         lines += ["", "Diverged (loss became NaN; left out of the means): "

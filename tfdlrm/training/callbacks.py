@@ -18,7 +18,8 @@ from tfdlrm.training.stream import crossed, pass_order
 
 
 class TrainingClock(tf.keras.callbacks.Callback):
-    """Wall time of the training part of each epoch (validation excluded)."""
+    """Wall time of the training part of each epoch (held-out evaluations and checkpoint writes
+    excluded)."""
 
     def __init__(self, seconds: float = 0.0):
         super().__init__()
@@ -40,7 +41,8 @@ class TrainingClock(tf.keras.callbacks.Callback):
         self._stop()
 
     def exclude(self, seconds: float) -> None:
-        """Take ``seconds`` (spent saving a checkpoint) out of a running epoch's time."""
+        """Take ``seconds`` (spent saving a checkpoint, or on a learning-curve point's evaluation)
+        out of a running epoch's time."""
         if self._start is not None:
             self.seconds -= seconds
 
@@ -113,12 +115,13 @@ class LearningCurve(tf.keras.callbacks.Callback):
 
     Training accuracy and log loss are the means over the batches since the previous
     point, derived from Keras's running epoch means (no extra computation).  Held-out
-    metrics are exact, over all of ``eval_dataset`` (the validation split where there is
-    one).  ``points`` is a list of dicts: ``step, examples, train_accuracy, train_logloss,
-    train_auc, eval_auc, eval_logloss, eval_accuracy``.
+    metrics are exact, over all of ``eval_dataset`` (``train``: the first ``--curve-examples``
+    rows of the validation split where there is one); their time is taken out of ``clock``'s.
+    ``points`` is a list of dicts: ``step, examples, train_accuracy, train_logloss, train_auc,
+    eval_auc, eval_logloss, eval_accuracy, eval_examples``; ``seconds`` their evaluations' time.
     """
 
-    def __init__(self, eval_dataset: tf.data.Dataset, every: int, batch_size: int):
+    def __init__(self, eval_dataset: tf.data.Dataset, every: int, batch_size: int, clock=None):
         super().__init__()
         if every <= 0:
             raise ValueError(f"every must be positive, got {every}")
@@ -126,6 +129,8 @@ class LearningCurve(tf.keras.callbacks.Callback):
         self.eval_dataset = eval_dataset
         self.every = int(every)
         self.batch_size = int(batch_size)
+        self.clock = clock  # a TrainingClock: the points' evaluations are taken out of the training time
+        self.seconds = 0.0  # the points' evaluations, in all
         self.points: list[dict] = []
         self.on_point: Optional[Callable[[dict], None]] = None  # called with each new point (TensorBoard)
         self._step = 0
@@ -142,13 +147,14 @@ class LearningCurve(tf.keras.callbacks.Callback):
 
     def state(self) -> dict:
         return {"every": self.every, "points": self.points, "step": self._step,
-                "epoch_batches": self._epoch_batches, "last": list(self._last)}
+                "epoch_batches": self._epoch_batches, "last": list(self._last), "seconds": self.seconds}
 
     def restore(self, state: dict, mid_epoch: bool) -> None:
         """Continue from ``state()`` saved with a checkpoint (``mid_epoch``: saved inside an epoch)."""
         self.every = int(state["every"])
         self.points = [dict(p) for p in state["points"]]
         self._step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))
         if mid_epoch:
             self._resume_batches = int(state["epoch_batches"])
             self._last = tuple(state["last"])
@@ -175,7 +181,11 @@ class LearningCurve(tf.keras.callbacks.Callback):
         train_acc = (n * acc - n0 * acc0) / interval
         train_loss = (n * loss - n0 * loss0) / interval
         self._last = (n, acc, loss)
+        started = time.perf_counter()
         held_out = evaluate(self.model, self.eval_dataset)
+        seconds = time.perf_counter() - started
+        if self.clock is not None:
+            self.clock.exclude(seconds)
         self.points.append({
             "step": self._step,
             "examples": self._step * self.batch_size,
@@ -185,7 +195,9 @@ class LearningCurve(tf.keras.callbacks.Callback):
             "eval_auc": held_out.auc,
             "eval_logloss": held_out.logloss,
             "eval_accuracy": held_out.accuracy,
+            "eval_examples": held_out.examples,
         })
+        self.seconds += seconds
         if self.on_point is not None:
             self.on_point(self.points[-1])
 
@@ -212,19 +224,22 @@ class EpochEvaluation(tf.keras.callbacks.Callback):
         self.epochs: list[dict] = []
         self.best_epoch: Optional[int] = None
         self.best_predictions = None
+        self.seconds = 0.0  # the evaluations' time, in all
 
     def state(self) -> dict:
-        return {"epochs": self.epochs, "best_epoch": self.best_epoch}
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch, "seconds": self.seconds}
 
     def restore(self, state: dict, mid_epoch: bool = False) -> None:
         self.epochs = [dict(e) for e in state.get("epochs", [])]
         self.best_epoch = state.get("best_epoch")
+        self.seconds = float(state.get("seconds", 0.0))
 
     def on_epoch_end(self, epoch, logs=None):
         from tfdlrm.metrics import evaluate_predictions
         from tfdlrm.training.evaluate import evaluate, predict_with_labels
 
         logs = logs if logs is not None else {}
+        started = time.perf_counter()
         entry = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
         if self.val_dataset is not None:
             val = evaluate(self.model, self.val_dataset)
@@ -233,6 +248,7 @@ class EpochEvaluation(tf.keras.callbacks.Callback):
         labels, probabilities = predict_with_labels(self.model, self.test_dataset)
         test = evaluate_predictions(labels, probabilities)
         entry["test"] = test.to_dict()
+        self.seconds += time.perf_counter() - started
         logs.update(test_auc=test.auc, test_logloss=test.logloss, test_accuracy=test.accuracy)
         self.epochs = [e for e in self.epochs if e["epoch"] < entry["epoch"]] + [entry]
         best = self._best()

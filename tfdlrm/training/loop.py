@@ -31,7 +31,7 @@ from tfdlrm.training.early_stop import (
     describe_stop,
     stopped_after,
 )
-from tfdlrm.training.evaluate import evaluate
+from tfdlrm.training.evaluate import curve_sample, evaluate, in_memory_if_small
 from tfdlrm.training.preemption import StopOnSignal, stop_signals
 from tfdlrm.training.progress import progress_for
 from tfdlrm.training.reporting import TensorBoardLog, hparams_of
@@ -163,8 +163,9 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     elif start < total_steps:
         train_data = training_stream(source, spec.batch_size, spec.seed, start, total_steps, spec.shuffle,
                                      spec.last_batch)
-    eval_data = source.eval_dataset(spec.eval_batch_size)
-    val_data = source.val_dataset(spec.eval_batch_size)  # None: no validation split
+    eval_data = in_memory_if_small(source.eval_dataset(spec.eval_batch_size), source.eval_examples, config)
+    val_data = in_memory_if_small(source.val_dataset(spec.eval_batch_size), source.val_examples,
+                                  config)  # None: no validation split
 
     clock = TrainingClock(saved_state.get("clock", {}).get("seconds", 0.0))
     callbacks: list = [clock]
@@ -182,8 +183,9 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
                         "allow with --parallel ps; use --curve-points 0")
     if spec.curve_points:
         every = max(1, total_steps // spec.curve_points)
-        curve = LearningCurve(val_data if val_data is not None else eval_data,
-                              max(per_call, every - every % per_call), spec.batch_size)  # at the end of a call
+        sample = curve_sample(source, spec.eval_batch_size, spec.curve_examples)  # the same rows at every point
+        every = max(per_call, round(every / per_call) * per_call)  # whole calls of the train function
+        curve = LearningCurve(sample, every, spec.batch_size, clock)
         if "curve" in saved_state:
             curve.restore(saved_state["curve"], mid_epoch=start_batch > 0)
         callbacks.append(curve)
@@ -267,6 +269,8 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         epochs=epoch_eval.epochs,
         best_epoch=epoch_eval.best_epoch,
         stopped_epoch=stopped_after(epoch_eval, spec.early_stop, spec.epochs),
+        eval_seconds=round((curve.seconds if curve else 0.0) + epoch_eval.seconds, 3),
+        curve_seconds=round(curve.seconds if curve else 0.0, 3),
     )
     line = f"{spec.model} held-out: {evaluation}"
     if teacher is not None:

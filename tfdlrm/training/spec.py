@@ -49,6 +49,9 @@ class TrainSpec:
     eval_examples: int = 100_000
     out: Optional[str] = None
     curve_points: int = 0
+    # held-out rows each learning-curve point evaluates (the validation split's first ones, whole
+    # evaluation batches; 0: all of it); the epoch ends evaluate every row
+    curve_examples: int = 8192
     # progress: auto = plain lines (a line redrawn on a terminal), 0 none, 1 or 2 Keras's own
     # (tfdlrm/training/progress.py); TensorBoard scalars every log_every steps (reporting.py)
     verbose: int | str = "auto"
@@ -99,6 +102,8 @@ class TrainSpec:
             raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.curve_points < 0:
             raise UserError(f"curve-points must be >= 0, got {self.curve_points}")
+        if isinstance(self.curve_examples, bool) or not isinstance(self.curve_examples, int) or self.curve_examples < 0:
+            raise UserError(f"--curve-examples must be a number of rows >= 0, got {self.curve_examples!r}")
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every <= 0:
             raise UserError(f"--log-every must be a positive number of steps, got {self.log_every!r}")
         if self.steps_per_execution is not None and (isinstance(self.steps_per_execution, bool) or not isinstance(
@@ -171,6 +176,10 @@ class RunResult:
     best_epoch: Optional[int] = None
     # the epoch after which --early-stop ended training, before --epochs (None: it did not)
     stopped_epoch: Optional[int] = None
+    # seconds of held-out evaluation (not in train_seconds): the learning-curve points and the epoch
+    # ends; the curve points' part
+    eval_seconds: float = 0.0
+    curve_seconds: float = 0.0
 
     @property
     def selected(self) -> Optional[dict]:
