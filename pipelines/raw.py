@@ -4,7 +4,8 @@ Each row is what Criteo's logs hold (label TAB 13 integer counts TAB 26 8-hex va
 empty = missing), drawn from :class:`~tfdlrm.pipelines.generators.SyntheticData`'s world:
 the same skewed ids, log-normal counts and teacher labels as ``--data synthetic``, with some
 values missing.  Rows come in blocks of :data:`BLOCK_ROWS`, each from a stateless seed
-``(seed, block)``, so a file is the same whatever the machine, and formatted to text with
+``(seed, block)``, so a file is the same whatever the thread count (numpy's exp and power
+may differ in the last bit between CPU types), and formatted to text with
 array operations (no per-row Python).  A JSON sidecar ``FILE.json`` records the seed and
 the teacher's exact AUC on the held-out part (Kaggle's day 7; Terabyte's day 23), the
 ceiling a model trained on the file can approach.  See docs/data.md.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,52 +28,89 @@ from tfdlrm.pipelines.features import NUM_CATEGORICAL, NUM_DENSE
 from tfdlrm.pipelines.splits import KAGGLE_DAYS, TERABYTE_DAYS, day_sizes
 
 BLOCK_ROWS = 1 << 16
+CHUNK_ROWS = 1 << 13  # a block is made a chunk at a time (its arrays stay in the cache)
 INT_DIGITS = 10  # counts are clipped below 10**10
 _HEX_WIDTH = 1 + 8  # TAB + 8 hex digits
 FORMATS = ("kaggle", "terabyte")
 
 
+def _tables():
+    """4-byte groups as the text holds them, one uint32 each, a NUL for a byte to drop: the
+    digits of 0..9999 as the last group of a number ("0" for 0), a leading group (nothing for
+    0) and a group after a leading one (zero-padded), and the 4 hex digits of 0..65535."""
+    def groups(digits: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(digits, np.uint8).view(np.uint32).ravel()
+
+    d = np.arange(10_000)
+    padded = 48 + np.stack([d // 1000, d // 100 % 10, d // 10 % 10, d % 10], 1)
+    width = 1 + (d >= 10) + (d >= 100) + (d >= 1000)
+    last = np.where(np.arange(4) >= 4 - width[:, None], padded, 0)
+    lead = last.copy()
+    lead[0] = 0
+    h = np.arange(1 << 16)
+    hexes = np.frombuffer(b"0123456789abcdef", np.uint8)[np.stack([h >> 12, h >> 8 & 15, h >> 4 & 15, h & 15], 1)]
+    return groups(np.concatenate([last, lead, padded])), groups(hexes)
+
+
+_DECIMAL, _HEX = _tables()
+_LAST, _LEAD, _PADDED = 0, 10_000, 20_000  # the three parts of _DECIMAL
+
+
 def hex8(values: np.ndarray) -> np.ndarray:
-    """uint32 values -> their 8 lower-case hex digits, uint8 [..., 8] (SWAR on 64-bit words)."""
-    x = values.astype(np.uint64)
-    x = (x | (x << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
-    x = (x | (x << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
-    x = (x | (x << np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)  # byte k: nibble k
-    letters = ((x + np.uint64(0x0606060606060606)) >> np.uint64(4)) & np.uint64(0x0101010101010101)
-    x = x + np.uint64(0x3030303030303030) + letters * np.uint64(0x27)
-    return x.byteswap().view(np.uint8).reshape(*values.shape, 8)  # the top nibble first
+    """uint32 values -> their 8 lower-case hex digits, uint8 [..., 8]."""
+    values = np.asarray(values, np.uint32)
+    out = np.empty((*values.shape, 2), np.uint32)
+    out[..., 0], out[..., 1] = _HEX[values >> 16], _HEX[values & 0xFFFF]
+    return out.view(np.uint8).reshape(*values.shape, 8)
 
 
 def format_rows(label: np.ndarray, counts: np.ndarray, values: np.ndarray, dense_missing: np.ndarray,
                 categorical_missing: np.ndarray) -> bytes:
-    """Criteo text lines for ``n`` rows: ``label`` [n] 0/1, ``counts`` int64 [n, 13] (>= 0),
+    """Criteo text lines for ``n`` rows: ``label`` [n] 0/1, ``counts`` int [n, 13] (>= 0),
     ``values`` uint32 [n, 26], and the two missing masks (an empty field)."""
+    return _text(label, counts, values, dense_missing, categorical_missing).tobytes()
+
+
+def _text(label, counts, values, dense_missing, categorical_missing) -> np.ndarray:
+    """:func:`format_rows` as a uint8 array.
+
+    Every field gets a fixed width (TAB + 4 digits a base-10,000 group of a count, TAB + 8 hex
+    digits of a value), written as 4-byte words from tables, with NUL for a byte to drop (a
+    leading zero, a missing value); dropping the NULs compacts the text."""
     n = len(label)
-    counts = np.minimum(counts, 10**INT_DIGITS - 1)
-    digits = max(1, len(str(int(counts.max())))) if n else 1  # this block's widest count
-    int_width = 1 + digits
-    width = 1 + NUM_DENSE * int_width + NUM_CATEGORICAL * _HEX_WIDTH + 1
+    top = int(counts.max()) if n else 0
+    if top >= 10**INT_DIGITS:
+        counts, top = np.minimum(counts, 10**INT_DIGITS - 1), 10**INT_DIGITS - 1
+    groups = 1 if top < 10**4 else 2 if top < 10**8 else 3  # this block's widest count
+    int_width = 1 + 4 * groups
+    hex_start = 1 + NUM_DENSE * int_width
+    width = hex_start + NUM_CATEGORICAL * _HEX_WIDTH + 1
     text = np.empty((n, width), np.uint8)
-    keep = np.ones((n, width), bool)
-    text[:, 0] = 48 + label.astype(np.uint8)
-    ints = text[:, 1:1 + NUM_DENSE * int_width].reshape(n, NUM_DENSE, int_width)
-    ints_keep = keep[:, 1:1 + NUM_DENSE * int_width].reshape(n, NUM_DENSE, int_width)
-    ints[:, :, 0] = 9
-    rest = counts.astype(np.int64)
-    for k in range(digits, 0, -1):  # the last digit first
-        rest, digit = np.divmod(rest, 10)
-        ints[:, :, k] = 48 + digit
-    powers = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
-    ints_keep[:, :, 1:] = (counts[:, :, None] >= powers) | (powers == 1)  # no leading zeros; "0" stays
-    ints_keep[:, :, 1:] &= ~dense_missing[:, :, None]
-    start = 1 + NUM_DENSE * int_width
-    hexes = text[:, start:start + NUM_CATEGORICAL * _HEX_WIDTH].reshape(n, NUM_CATEGORICAL, _HEX_WIDTH)
-    hexes[:, :, 0] = 9
-    hexes[:, :, 1:] = hex8(values)
-    keep[:, start:start + NUM_CATEGORICAL * _HEX_WIDTH].reshape(n, NUM_CATEGORICAL, _HEX_WIDTH)[:, :, 1:] = \
-        ~categorical_missing[:, :, None]
+
+    def words(offset, step, fields, *size):  # [n, fields, *size] uint32 at offset + i * step of each row
+        return np.ndarray((n, fields, *size), np.uint32, text, offset, (width, step, 4)[:2 + len(size)])
+
+    text[:, 0] = 48 + label
+    text[:, 1:hex_start:int_width] = 9
+    text[:, hex_start:-1:_HEX_WIDTH] = 9
     text[:, -1] = 10
-    return text[keep].tobytes()
+    counts = counts.astype(np.uint64 if groups == 3 else np.uint32)
+    present = ~dense_missing
+    for g in range(groups):  # the most significant group first
+        place = 10 ** (4 * (groups - 1 - g))
+        part = np.uint32(_LAST if g == groups - 1 else _LEAD)
+        index = counts // place if place > 1 else counts
+        if g:  # after a leading group that is not 0: zero-padded
+            index = index % 10_000 + np.where(counts >= place * 10_000, np.uint32(_PADDED), part)
+        elif part:
+            index = index + part
+        words(2 + 4 * g, int_width, NUM_DENSE)[...] = np.take(_DECIMAL, index) * present
+    # values: the hex digits of their 16-bit halves, the high half first
+    halves = np.take(_HEX, np.ascontiguousarray(values, np.uint32).view(np.uint16)).reshape(n, NUM_CATEGORICAL, 2)
+    halves *= ~categorical_missing[:, :, None]
+    words(hex_start + 1, _HEX_WIDTH, NUM_CATEGORICAL, 2)[...] = halves[:, :, ::-1] if sys.byteorder == "little" \
+        else halves
+    return text[text != 0]
 
 
 @dataclass
@@ -114,19 +153,24 @@ class RawRows:
         self.dense_missing, self.categorical_missing = dense_missing, categorical_missing
         rng = np.random.default_rng([seed, 7])
         # id -> a 32-bit value, one bijection per feature (odd multiplier mod 2**32, plus a salt)
-        self.multipliers = (rng.integers(0, 2**31, NUM_CATEGORICAL, dtype=np.uint64) * 2 + 1).astype(np.uint64)
-        self.salts = rng.integers(0, 2**32, NUM_CATEGORICAL, dtype=np.uint64)
+        self.multipliers = (rng.integers(0, 2**31, NUM_CATEGORICAL, dtype=np.uint64) * 2 + 1).astype(np.uint32)
+        self.salts = rng.integers(0, 2**32, NUM_CATEGORICAL, dtype=np.uint64).astype(np.uint32)
 
     def block(self, index: int, rows: int):
         """``(text bytes, label [rows], teacher probability [rows])`` of block ``index``."""
         import tensorflow as tf
 
-        seed = tf.constant([self.seed, 1_000_003 + index], tf.int64)
-        counts, ids, dense_missing, categorical_missing, label, p = self.world.raw_sample(
-            rows, seed, self.dense_missing, self.categorical_missing)
-        values = ((ids.astype(np.uint64) * self.multipliers + self.salts) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        text = format_rows(label.astype(np.uint8), counts.astype(np.int64), values, dense_missing, categorical_missing)
-        return text, label, p
+        draws = self.world.raw_draws(rows, tf.constant([self.seed, 1_000_003 + index], tf.int64))
+        texts, labels, ps = [], [], []
+        for start in range(0, rows, CHUNK_ROWS):
+            chunk = tuple(d[start:start + CHUNK_ROWS] for d in draws)
+            counts, ids, dense_missing, categorical_missing, label, p = self.world.raw_rows(
+                chunk, self.dense_missing, self.categorical_missing)
+            values = ids.astype(np.uint32) * self.multipliers + self.salts  # mod 2**32
+            texts.append(_text(label.astype(np.uint8), counts, values, dense_missing, categorical_missing))
+            labels.append(label)
+            ps.append(p)
+        return b"".join(texts), np.concatenate(labels), np.concatenate(ps)
 
 
 def _days(spec: GenerateSpec) -> list[int]:
