@@ -129,3 +129,13 @@ def test_best_needs_a_validation_split(tmp_path):
     proc = run_main(["export", str(out), "--checkpoint", "best", "--out", str(tmp_path / "models")])
     assert_clean_error(proc, "--checkpoint best needs a validation split", str(out), "use latest or epoch-N")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_train_export_takes_the_best_epoch_where_there_is_a_validation_split(tmp_path):
+    out = tmp_path / "run"
+    proc = run_main(["train", "--train-examples", "2048", "--eval-examples", "1024", "--batch-size", "512",
+                     "--epochs", "2", "--xla", "off", "--quiet", "--out", str(out), "--export", str(tmp_path / "m")])
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "m" / "1" / "assets.extra" / "export.json").read_text())
+    best = json.loads((out / "metrics.json").read_text())["best_epoch"]
+    assert info["exported_checkpoint"]["asked"] == "best" and info["exported_checkpoint"]["epoch"] == best

@@ -41,15 +41,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         from tfdlrm.serving.export import check_destination
 
         if not args.out:
-            raise UserError("--export needs --out: it exports the run directory's last checkpoint")
+            raise UserError("--export needs --out: it exports a checkpoint of the run directory")
         # Before training: an unwritable destination should not cost a training run.
         export_base, _ = check_destination(args.out, args.export or None, model_name=args.model)
-    train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart,
-                         verify_data=args.verify_data))
+    result = train(spec_from_args(args, args.model, args.seed, args.optimizer, args.out, restart=args.restart,
+                                  verify_data=args.verify_data))
     if export_base is not None:
         from tfdlrm.serving.export import export_run
 
-        export_run(args.out, out=str(export_base), log=print)
+        # the best epoch on validation where the data has a validation split (what --early-stop keeps), else the last
+        with_val = any("val" in e for e in result.epochs)
+        export_run(args.out, out=str(export_base), log=print, checkpoint="best" if with_val else "latest")
     return 0
 
 

@@ -257,7 +257,8 @@ def build_parser() -> Parser:
                    help="discard the run in --out (checkpoints, logs, results) and train from scratch")
     p.add_argument("--export", nargs="?", const="", metavar="BASE",
                    help="after training, export the run for TF Serving to BASE/<next version> (default BASE: "
-                        "saved_models/<model>); needs --out")
+                        "saved_models/<model>): its best epoch on validation where the data has a validation "
+                        "split, else its last checkpoint; needs --out")
     p.add_argument("--verify-data", action="store_true",
                    help="a converted dataset: before training, check every shard's and vocabulary file's "
                         "sha256 against its manifest (default: the held-out shards only)")
