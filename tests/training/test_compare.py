@@ -66,7 +66,7 @@ def test_report_files_are_consistent(finished):
     assert "teacher AUC" in table and "dlrm" in table and "dcn" in table
     curve = sum(r.curve_seconds for r in report.results)
     line = f"Held-out evaluation: 16 curve points {curve:.1f} s ("
-    assert line in table and line in markdown and "4 epoch ends" in table
+    assert line in table and line in markdown and "; epoch ends and the first pass of each process" in table
     assert all(p["eval_examples"] == 2048 for c in data["curves"] for p in c["points"])  # the whole (small) split
 
 

@@ -160,12 +160,12 @@ def evaluation_share(report: Comparison) -> str:
     """One line: the runs' held-out evaluation time (curve points, epoch ends) beside their training time."""
     finished = [r for r in report.results if not r.diverged]
     train = sum(r.train_seconds for r in finished if math.isfinite(r.train_seconds))
-    points = [p for r in finished for p in r.curve]
+    points = sum(len(r.curve) for r in finished)
     curve = sum(r.curve_seconds for r in finished)
     share = f" ({100 * curve / train:.1f}% of the training time)" if train > 0 else ""
-    return (f"Held-out evaluation: {len(points)} curve points {curve:.1f} s{share}, "
-            f"{sum(len(r.epochs) for r in finished)} epoch ends {sum(r.eval_seconds for r in finished) - curve:.1f} s; "
-            f"training {train:.1f} s")
+    return (f"Held-out evaluation: {points} curve points {curve:.1f} s{share}; epoch ends and the first "
+            f"pass of each process (tracing the prediction function) {sum(r.eval_seconds for r in finished) - curve:.1f} "
+            f"s; training {train:.1f} s")
 
 
 def format_markdown(report: Comparison) -> str:

@@ -131,12 +131,23 @@ class LearningCurve(tf.keras.callbacks.Callback):
         self.batch_size = int(batch_size)
         self.clock = clock  # a TrainingClock: the points' evaluations are taken out of the training time
         self.seconds = 0.0  # the points' evaluations, in all
+        self.setup_seconds = 0.0  # this process's first pass (see on_train_begin)
         self.points: list[dict] = []
         self.on_point: Optional[Callable[[dict], None]] = None  # called with each new point (TensorBoard)
         self._step = 0
         self._epoch_batches = 0
         self._last = (0, 0.0, 0.0)  # batches into the epoch, running accuracy, running logloss
         self._resume_batches: Optional[int] = None
+
+    def on_train_begin(self, logs=None):
+        """One pass over the points' rows before training: it traces the prediction function (which
+        the epoch end would otherwise trace) and fills the rows' cache, so that each point costs
+        what it adds; its time is ``setup_seconds``, apart from the points'."""
+        from tfdlrm.training.evaluate import evaluate
+
+        started = time.perf_counter()
+        evaluate(self.model, self.eval_dataset)
+        self.setup_seconds += time.perf_counter() - started
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resume_batches is not None:  # a run resumed mid-epoch: the epoch's metrics are restored too

@@ -269,7 +269,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         epochs=epoch_eval.epochs,
         best_epoch=epoch_eval.best_epoch,
         stopped_epoch=stopped_after(epoch_eval, spec.early_stop, spec.epochs),
-        eval_seconds=round((curve.seconds if curve else 0.0) + epoch_eval.seconds, 3),
+        eval_seconds=round((curve.seconds + curve.setup_seconds if curve else 0.0) + epoch_eval.seconds, 3),
         curve_seconds=round(curve.seconds if curve else 0.0, 3),
     )
     line = f"{spec.model} held-out: {evaluation}"
