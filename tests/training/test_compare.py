@@ -147,3 +147,19 @@ def test_export_best_exports_each_models_best_run_once(finished, tmp_path):
 
 def test_compare_export_needs_out():
     assert_clean_error(run_cli("compare", "--export"), "--export needs --out")
+
+
+def test_the_report_says_where_early_stop_ended_a_run(finished):
+    """A run --early-stop ended before --epochs shows its stop beside its best epoch."""
+    import dataclasses
+
+    from tfdlrm.compare.report import Comparison, format_markdown
+
+    _, report, _ = finished
+    stopped = [dataclasses.replace(r, stopped_epoch=3, best_epoch=1) if i == 0 else r
+               for i, r in enumerate(report.results)]
+    markdown = format_markdown(Comparison(report.specs, stopped, report.teacher_auc, report.command))
+    first = report.specs[0]
+    assert f"| {first.model} | adagrad | {first.seed} | 1 (early stop after 3) |" in markdown
+    assert markdown.count("early stop after") == 1
+    assert "early stop after" not in format_markdown(report)

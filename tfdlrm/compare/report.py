@@ -56,7 +56,8 @@ def run_row(spec: TrainSpec, result: RunResult) -> dict:
     return {
         "model": spec.model, "optimizer": spec.optimizer, "lr": spec.lr, "seed": spec.seed,
         "auc": chosen["auc"], "logloss": chosen["logloss"], "accuracy": chosen["accuracy"],
-        "best_epoch": result.best_epoch, "final_auc": e.auc, "params": result.params,
+        "best_epoch": result.best_epoch, "stopped_epoch": result.stopped_epoch, "final_auc": e.auc,
+        "params": result.params,
         "train_seconds": result.train_seconds, "examples_per_second": result.examples_per_second,
         "eval_seconds": result.eval_seconds, "examples": result.examples, "eval_examples": e.examples, "diverged": result.diverged,
     }
@@ -215,7 +216,9 @@ def format_markdown(report: Comparison) -> str:
         if row["diverged"]:
             lines.append(f"| {row['model']} | {row['optimizer']} | {row['seed']} | diverged | | | | | |")
             continue
-        lines.append(f"| {row['model']} | {row['optimizer']} | {row['seed']} | {row['best_epoch'] or 'n/a'} | "
+        best = str(row["best_epoch"] or "n/a") + (f" (early stop after {row['stopped_epoch']})"
+                                                  if row.get("stopped_epoch") else "")
+        lines.append(f"| {row['model']} | {row['optimizer']} | {row['seed']} | {best} | "
                      f"{row['auc']:.4f} | {row['logloss']:.4f} | {row['accuracy']:.4f} | {_num(row['final_auc'], 4)} | "
                      f"{_num(row['examples_per_second'])} |")
     if any(r.curve for r in report.results):
