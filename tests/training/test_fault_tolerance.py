@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from tests.helpers import REPO, assert_clean_error, run_cli
 from tests.helpers.cli import run_main
+from tests.helpers.runs import assert_same_run, assert_same_tensors
+from tests.helpers.runs import checkpoint_tensors as tensors
 from tfdlrm.errors import UserError
 from tfdlrm.training.checkpoints import CheckpointStore
 from tfdlrm.training.loop import train
@@ -37,26 +39,6 @@ def make_spec(out, **changes) -> TrainSpec:
 
 class Crash(Exception):
     """Stands for the process dying."""
-
-
-def tensors(prefix) -> dict:
-    """Every tensor of a checkpoint (weights, optimizer slots, step counter) by name."""
-    reader = tf.train.load_checkpoint(str(prefix))
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not np.array_equal(a[k], b[k])]
-    assert not different, different[:5]
-
-
-def assert_same_run(a_dir, b_dir) -> None:
-    """Same final checkpoint, bit for bit, and the same metrics.json apart from timings and resumes."""
-    assert_same_tensors(tensors(a_dir / "checkpoints" / "epoch-002"), tensors(b_dir / "checkpoints" / "epoch-002"))
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
-    for key in ("evaluation", "history", "curve", "examples", "params"):
-        assert a[key] == b[key], key
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests.helpers import REPO, run_cli
+from tests.helpers.runs import SAME_RUN_KEYS
+from tests.helpers.runs import assert_same_run as same_run
 from tests.helpers.summaries import read_events
 from tfdlrm.errors import Stopped
 from tfdlrm.training.callbacks import StopOnNonFinite
@@ -29,19 +30,9 @@ def make_spec(out, **changes) -> TrainSpec:
     return TrainSpec(**{**SETTINGS, "out": str(out), **changes})
 
 
-def tensors(prefix) -> dict:
-    reader = tf.train.load_checkpoint(str(prefix))
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 def assert_same_run(a_dir, b_dir) -> None:
     """Same final checkpoint, bit for bit, and the same metrics.json apart from timings and resumes."""
-    a_t, b_t = tensors(a_dir / "checkpoints" / "epoch-002"), tensors(b_dir / "checkpoints" / "epoch-002")
-    assert a_t.keys() == b_t.keys()
-    assert not [k for k in a_t if not np.array_equal(a_t[k], b_t[k])]
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
-    for key in ("evaluation", "history", "curve", "epochs", "examples", "params"):
-        assert a[key] == b[key], key
+    same_run(a_dir, b_dir, keys=SAME_RUN_KEYS + ("epochs",))
 
 
 def assert_same_summaries(a_logs, b_logs) -> None:

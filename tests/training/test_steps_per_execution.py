@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers.runs import checkpoint_tensors
 from tests.helpers.summaries import read_events
 from tfdlrm.errors import UserError
 from tfdlrm.training.checkpoints import CheckpointStore
@@ -38,12 +39,6 @@ def run(out, **changes):
     return result, lines, read_events(out / "logs"), json.loads((out / "metrics.json").read_text()), weights
 
 
-def final_tensors(out) -> dict:
-    """Every tensor of the last checkpoint (weights, optimizer slots, step counter) by name."""
-    reader = tf.train.load_checkpoint(str(out / "checkpoints" / "epoch-002"))
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 @pytest.fixture(scope="module")
 def one_step_a_call(tmp_path_factory):
     out = tmp_path_factory.mktemp("spe") / "one"
@@ -56,7 +51,7 @@ def test_four_steps_a_call_train_the_same_weights_with_the_same_events(one_step_
     four, lines, events, metrics, saved = run(out)  # auto: 4 (a divisor of --log-every 4, --checkpoint-every 8)
     assert any("4 steps a call" in line for line in lines)
     assert any("1 steps a call" in line for line in one_lines)
-    a, b = final_tensors(one_out), final_tensors(out)
+    a, b = (checkpoint_tensors(d / "checkpoints" / "epoch-002") for d in (one_out, out))
     assert a.keys() == b.keys() and len(a) > 5
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from tfdlrm.bench.common import machine, make_work_dir
+from tfdlrm.bench.train import REFERENCE
 from tfdlrm.errors import UserError
 
 # The PyTorch reference DLRM on this machine (examples/s, kaggle preset, SGD): batch 128 on the
 # ~500k rows `train --data synthetic` trains on (issue 13), batch 2048 its step (issue 7).
-REFERENCE_FIT = {128: 17_955, 2048: 37_000}
+REFERENCE_FIT = {128: 17_955, 2048: REFERENCE["kaggle"]["examples_per_second"]}
 DEFAULT_EXAMPLES = {128: 500_000, 2048: 2_000_000}  # about 20-30 s of training each
 
 
