@@ -32,6 +32,77 @@ def selection_matrix(num_vectors: int, self_interaction: bool = False) -> np.nda
     return matrix
 
 
+@functools.lru_cache(maxsize=16)
+def symmetric_spread_indices(num_vectors: int, self_interaction: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Where each entry of a flattened ``[n, n]`` matrix finds its pair's gradient: ``(index,
+    scale)``, ``index`` ``[n * n]`` int32 into the pairs padded with one zero (entry ``(i, j)``
+    and ``(j, i)`` both read pair ``p`` of :func:`dot_pair_indices`, the rest read the zero), and
+    ``scale`` ``[n * n]`` float32 (2 on a self pair's diagonal entry, since d(v.v)/dv = 2v, else 1).
+
+    With ``G`` so built, the gradient of every pair's dot product with respect to the vectors
+    ``V`` is ``G @ V``: one batched matmul instead of two and their transposes."""
+    pairs = dot_pair_indices(num_vectors, self_interaction)
+    index = np.full(num_vectors * num_vectors, len(pairs), np.int32)
+    scale = np.ones(num_vectors * num_vectors, np.float32)
+    for p, flat in enumerate(pairs):
+        i, j = divmod(int(flat), num_vectors)
+        index[i * num_vectors + j] = index[j * num_vectors + i] = p
+        if i == j:
+            scale[flat] = 2.0
+    return index, scale
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_triangle(num_vectors: int, dim: int, self_interaction: bool = False):
+    """``(take, spread)``, two small XLA-compiled functions of the dot interaction's triangle.
+
+    ``take(dense, gram)``: ``[batch, dim]`` and the Gram matrix ``[batch, n, n]`` -> the layer's
+    output ``[batch, dim + pairs]`` (the dense vector, then the triangle).  ``spread(grad)``: the
+    output's gradient -> the symmetric ``[batch, n, n]`` matrix ``G`` of
+    :func:`symmetric_spread_indices`.  XLA's gather with constant indices along the minor axis
+    copies 7x faster than TensorFlow's ``GatherV2`` (0.5 against 3.6 ms at batch 2048), and its
+    gradient is a gather too rather than TensorFlow's ``UnsortedSegmentSum``."""
+    index = dot_pair_indices(num_vectors, self_interaction)
+    spread_index, scale = symmetric_spread_indices(num_vectors, self_interaction)
+    n = num_vectors
+
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+    def take(dense, gram):
+        return tf.concat([dense, tf.gather(tf.reshape(gram, [-1, n * n]), index, axis=1)], axis=1)
+
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+    def spread(grad):
+        padded = tf.pad(grad[:, dim:], [[0, 0], [0, 1]])
+        full = tf.gather(padded, spread_index, axis=1)
+        if self_interaction:
+            full = full * tf.constant(scale, full.dtype)
+        return tf.reshape(full, [-1, n, n])
+
+    return take, spread
+
+
+def dot_compiled(dense, embeddings, self_interaction: bool = False):
+    """The dot interaction with its triangle taken (and its gradient spread) by
+    :func:`compiled_triangle`, the Gram matrix and its gradient by TensorFlow's (oneDNN's)
+    batched matmul: ``d vectors = G @ vectors``.  The same numbers as the gather up to float32
+    rounding (the two halves of the gradient are added before the product, not after)."""
+    n, dim = embeddings.shape[1] + 1, dense.shape[-1]
+    take, spread = compiled_triangle(n, dim, self_interaction)
+
+    @tf.custom_gradient
+    def interact(dense, embeddings):
+        vectors = tf.concat([tf.expand_dims(dense, 1), tf.cast(embeddings, dense.dtype)], axis=1)
+        gram = tf.matmul(vectors, vectors, transpose_b=True)
+
+        def grad(upstream):
+            d_vectors = tf.matmul(spread(upstream), vectors)  # [batch, n, dim]
+            return upstream[:, :dim] + d_vectors[:, 0], tf.cast(d_vectors[:, 1:], embeddings.dtype)
+
+        return take(dense, gram), grad
+
+    return interact(dense, embeddings)
+
+
 class DotInteraction(tf.keras.layers.Layer):
     """Pairwise dot products of the dense vector and every embedding vector.
 
@@ -50,6 +121,8 @@ class DotInteraction(tf.keras.layers.Layer):
     slicing each row of the triangle, a transposed gather and per-pair products, forward
     and backward, float32 and bfloat16: the gather was as fast or faster.)  In bfloat16 a
     product with a 0/1 selection matrix takes the same entries exactly, faster (``pick``).
+    The fast training step asks for ``pick="compiled"`` (:func:`dot_compiled`): the triangle
+    and its gradient by XLA, the Gram matrix's gradient by one batched matmul.
     Embeddings are cast to the layer's compute dtype (bfloat16 under a ``mixed_bfloat16``
     policy).
 
@@ -75,10 +148,12 @@ class DotInteraction(tf.keras.layers.Layer):
           embeddings: ``[batch, features, dim]`` tensor, one vector per categorical
             feature; cast to ``dense``'s dtype.
           pick: how the triangle is taken from the Gram matrix: ``"gather"`` (a static
-            ``tf.gather``) or ``"matmul"`` (a product with a 0/1 selection matrix, one 1 a
+            ``tf.gather``), ``"matmul"`` (a product with a 0/1 selection matrix, one 1 a
             column: the same numbers, and oneDNN's bfloat16 matmul and its gradient run faster
-            than the gather and its scatter-add); default ``matmul`` in bfloat16, else
-            ``gather``.  Use ``gather`` inside XLA, whose CPU matmuls are float32.
+            than the gather and its scatter-add) or ``"compiled"`` (:func:`dot_compiled`: two
+            small XLA functions and a custom gradient, for training; not for a SavedModel,
+            whose server may have no XLA); default ``matmul`` in bfloat16, else ``gather``.
+            Use ``gather`` inside XLA, whose CPU matmuls are float32.
 
         Returns:
           ``[batch, dim + pairs]`` tensor, with ``pairs = (features + 1) * features / 2``
@@ -93,6 +168,8 @@ class DotInteraction(tf.keras.layers.Layer):
                 "dot interaction needs the bottom MLP's output width to equal the embedding "
                 f"dim; got {dense.shape[-1]} and {embeddings.shape[-1]}."
             )
+        if pick == "compiled":
+            return dot_compiled(dense, embeddings, self.self_interaction)
         embeddings = tf.cast(embeddings, dense.dtype)
         vectors = tf.concat([tf.expand_dims(dense, 1), embeddings], axis=1)  # [batch, n, dim]
         n = vectors.shape[1]
@@ -105,7 +182,7 @@ class DotInteraction(tf.keras.layers.Layer):
         elif pick == "gather":
             pairs = tf.gather(flat, dot_pair_indices(n, self.self_interaction), axis=1)
         else:
-            raise ValueError(f"pick must be gather or matmul, got {pick!r}.")
+            raise ValueError(f"pick must be gather, matmul or compiled, got {pick!r}.")
         return tf.concat([dense, pairs], axis=1)
 
     def get_config(self):

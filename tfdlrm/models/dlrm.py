@@ -48,12 +48,19 @@ class DLRM(RecommenderModel):
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         bottom = self.dense_arch(dense)  # [batch, dim]
         if self.config.interaction == "dot":
-            # inside XLA (the whole step compiled) the triangle is gathered: XLA's CPU matmuls are float32
-            whole_step_compiled = compiled_parts and getattr(self.fast_step, "mode", None) == "full"
-            interacted = self.interaction_arch(bottom, embedded, pick="gather" if whole_step_compiled else None)
+            interacted = self.interaction_arch(bottom, embedded, pick=self._triangle_pick(compiled_parts))
         else:
             interacted = self.interaction_arch(bottom, embedded)  # [batch, width]
         return tf.cast(self.over_arch(interacted), tf.float32)  # [batch, 1]
+
+    def _triangle_pick(self, compiled_parts: bool):
+        """How the dot interaction takes its triangle: in the fast training step, by its own small
+        XLA functions (``compiled``), or by a plain gather when the whole step is compiled already
+        (XLA's CPU matmuls are float32); elsewhere (prediction, export, the stock step) the
+        layer's default."""
+        if not compiled_parts:
+            return None
+        return "gather" if getattr(self.fast_step, "mode", None) == "full" else "compiled"
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name, "mixed_precision": self.mixed_precision}
