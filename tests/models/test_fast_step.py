@@ -64,7 +64,7 @@ def test_fast_sgd_step_touches_only_looked_up_rows_and_makes_no_table_slots(xla)
     # The compiled parts work in place: the big table's buffer is an input aliased to
     # its output, and every instruction of the table's shape is a parameter or a row
     # scatter into it (no copy, no dense update of the table).
-    for name in ("lookup", "apply") if xla == "sparse" else ("full",):
+    for name in ("lookup", "rows") if xla == "sparse" else ("full",):
         fn = net.fast_step._functions[name]  # noqa: SLF001
         args = (tf.constant(x["sparse"]),) if name == "lookup" else _traced_args(net, fn, x, y)
         hlo = fn.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
@@ -89,7 +89,7 @@ def _table_sized_instructions(hlo: str, shape: str) -> list:
 
 
 def _traced_args(net, fn, x, y):
-    """The arguments the fast step passed to ``fn`` (the compiled apply or full step), rebuilt."""
+    """The arguments the fast step passed to ``fn`` (the compiled row update or full step), rebuilt."""
     from tfdlrm.models.batch import check_features
 
     dense, sparse = check_features({k: tf.constant(v) for k, v in x.items()}, net.config, "DLRM")
@@ -99,9 +99,7 @@ def _traced_args(net, fn, x, y):
     with tf.GradientTape() as tape:
         tape.watch(embedded)
         loss = tf.reduce_mean(net.logits_from_embeddings(dense, embedded))
-    variables = net.dense_variables
-    grads = tape.gradient(loss, variables + [embedded])
-    return (grads[:-1], grads[-1], sparse)
+    return (tape.gradient(loss, embedded), sparse, tf.constant(0.1))
 
 
 @pytest.mark.parametrize("optimizer, ids_per_lookup", [("sgd", 1), ("adagrad", 1), ("adagrad", 3), ("adam", 3)])
@@ -150,19 +148,20 @@ def test_dcn_uses_the_fast_step_too():
 
 
 # -- compiled when asked -----------------------------------------------------------------------------------------------
-def _xla_calls(concrete) -> int:
-    """Calls to functions marked for XLA compilation (``_XlaMustCompile``) in a traced graph."""
-    count = 0
+def _xla_calls(concrete) -> list:
+    """The functions marked for XLA compilation (``_XlaMustCompile``) that a traced graph calls,
+    by their Python names."""
+    names = []
     for op in concrete.graph.get_operations():
         try:
             if op.get_attr("_XlaMustCompile"):
-                count += 1
+                names.append(op.get_attr("f").name.split("_inference_")[-1].rsplit("_", 1)[0])
         except ValueError:
             pass
-    return count
+    return sorted(names)
 
 
-@pytest.mark.parametrize("xla, compiled", [("sparse", {"lookup", "apply"}), ("full", {"full"}), ("off", set())])
+@pytest.mark.parametrize("xla, compiled", [("sparse", {"lookup", "rows"}), ("full", {"full"}), ("off", set())])
 def test_training_step_compiles_with_xla_when_asked(xla, compiled):
     config = get_preset("tiny", rows=100)
     net = built(config, "sgd", xla)
@@ -172,7 +171,9 @@ def test_training_step_compiles_with_xla_when_asked(xla, compiled):
     assert {name for name, fn in functions.items() if getattr(fn, "_jit_compile", False)} == compiled
     graph_calls = _xla_calls(net.train_function.get_concrete_function(
         iter(tf.data.Dataset.from_tensors((x, y)))))
-    assert graph_calls == len(compiled)
+    # the sparse step also compiles the dot interaction's triangle and its gradient (layers/interaction.py)
+    interaction = ["spread", "take"] if xla == "sparse" else []
+    assert graph_calls == sorted(list(compiled) + interaction)
     for name in compiled:
         fn = functions[name]
         assert fn.experimental_get_tracing_count() >= 1
@@ -287,6 +288,13 @@ def test_bench_train_prints_figures_with_the_machine_as_json():
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["date"] and len(machine["load_average"]) == 3
     assert "examples/s" in proc.stderr and "load average" in proc.stderr
+    # train's steps a call (batch 256: 10, dividing --log-every 100), warm-up and runs in whole calls
+    assert result["steps_a_call"] == 10 and result["warmup_steps"] == 10 and result["steps_per_repeat"] == 10
+    # the MLP-only floor, timed in the same process, with the tiny preset's widths
+    floor = result["floor"]
+    assert floor["bottom_mlp"] == "13-32-8" and floor["top_mlp"] == "359-32-1" and floor["ms_per_step"] > 0
+    assert result["step_over_floor"] == round(result["ms_per_step"] / floor["ms_per_step"], 2)
+    assert "MLP-only floor, same process" in proc.stderr and result["threads"].startswith("threads: intra-op")
     # --huge-pages auto restarted the command with glibc's hugetlb tunable where that works
     from tfdlrm import _env
 
@@ -312,3 +320,23 @@ def test_bench_train_from_tfrecord_data_reports_the_reader_too(tmp_path):
     assert result["reader_rows_per_second"] > 0 and result["table_rows"] == 1_000_001
     assert result["xla"] == "off" and result["mixed_precision"] == "off"
     assert not list(tmp_path.iterdir())  # the temporary dataset is removed
+
+
+def test_dump_rows_writes_the_rows_the_reader_yields(tmp_path):
+    """The .npz the reference trains on (bench fit --reference): the training split in its stored
+    order and the held-out split, exactly as tfdlrm's reader yields them, and the table sizes."""
+    from tfdlrm.bench.reference import dump_rows
+    from tfdlrm.pipelines.sources import open_data
+
+    source = open_data("synthetic", get_preset("tiny", rows=300), train_examples=3072, eval_examples=2048)
+    counts = dump_rows(source, str(tmp_path / "rows.npz"), batch_size=1024)
+    data = np.load(tmp_path / "rows.npz")
+    assert counts == {"train_rows": 3072, "held_out_rows": 2048, "table_rows": 300 * 26}
+    x, y = next(iter(source.train_dataset(3072)))
+    np.testing.assert_array_equal(data["tr_dense"], x["dense"].numpy())
+    np.testing.assert_array_equal(data["tr_sparse"], x["sparse"].numpy())
+    np.testing.assert_array_equal(data["tr_y"], y.numpy())
+    x, y = next(iter(source.eval_dataset(2048)))
+    np.testing.assert_array_equal(data["te_sparse"], x["sparse"].numpy())
+    np.testing.assert_array_equal(data["te_y"], y.numpy())
+    np.testing.assert_array_equal(data["rows"], [300] * 26)

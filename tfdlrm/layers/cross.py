@@ -69,7 +69,7 @@ class CrossV1(tf.keras.layers.Layer):
         if not compiled:
             return self._cross(x0)
         if "fn" not in self._compiled:
-            self._compiled["fn"] = tf.function(self._cross, jit_compile=True, reduce_retracing=True)
+            self._compiled["fn"] = tf.function(self._cross, jit_compile=True, reduce_retracing=True, autograph=False)
         return self._compiled["fn"](x0)
 
     def _cross(self, x0):

@@ -102,8 +102,13 @@ class FastTrainStep:
         rank = getattr(getattr(sparse, "shape", None), "rank", None)
         return rank in (2, 3)
 
+    @tf.autograph.experimental.do_not_convert
     def train_step(self, model, data):
-        """The step's metrics, or None when the batch or model is not for the fast step."""
+        """The step's metrics, or None when the batch or model is not for the fast step.
+
+        Not converted by AutoGraph (nothing in it branches on a tensor): converting the step's
+        code, the layers' and the optimizer's took about 2 s of the first call's 4.7 at batch
+        128, inside the training clock."""
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
         if not self.applies(model, x):
             return None
@@ -120,7 +125,17 @@ class FastTrainStep:
                 # Raises (naming the feature) before the update below, which needs its output.
                 sparse = layer.raise_if_out_of_range(sparse, bad)
             y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
-            self._function(model, "apply")(grads[:-1], grads[-1], sparse)
+            kind = sparse_update_kind(model.optimizer)
+            if kind is None:
+                self._function(model, "apply")(grads[:-1], grads[-1], sparse)
+            else:
+                # The tables' rows by XLA, the dense weights by TensorFlow's own update ops: each
+                # of those runs as soon as its gradient is ready, beside the rest of the backward
+                # pass, where one compiled update of everything waited for the last gradient.
+                lr = learning_rate(model.optimizer, layer.tables[0].dtype)  # before the step counter moves
+                self._function(model, "rows")(grads[-1], sparse, lr)
+                with tf.control_dependencies([sparse]):  # the ids' check first: a bad id changes nothing
+                    model.optimizer.apply_gradients(zip(grads[:-1], model.dense_variables))
         else:
             if layer.check_ids:
                 sparse = layer.raise_if_out_of_range(sparse)
@@ -131,7 +146,8 @@ class FastTrainStep:
     def _function(self, model, name: str):
         if name not in self._functions:
             _create_slots(model)
-            make = {"lookup": self._make_lookup, "apply": self._make_apply, "full": self._make_full}[name]
+            make = {"lookup": self._make_lookup, "rows": self._make_rows, "apply": self._make_apply,
+                    "full": self._make_full}[name]
             fn, compiled = make(model)
             self._functions[name] = fn
             if compiled:
@@ -150,13 +166,13 @@ class FastTrainStep:
             def lookup(ids):
                 return layer.embed(ids), layer.out_of_range(ids)
 
-            return tf.function(lookup, jit_compile=True, reduce_retracing=True), True
+            return tf.function(lookup, jit_compile=True, reduce_retracing=True, autograph=False), True
 
         def pool(rows):  # per table [batch, k, dim] -> [batch, tables, dim]
             reduce = tf.reduce_sum if layer.pooling == "sum" else tf.reduce_mean
             return tf.stack([reduce(r, axis=1) for r in rows], axis=1)
 
-        pool = tf.function(pool, jit_compile=True, reduce_retracing=True)
+        pool = tf.function(pool, jit_compile=True, reduce_retracing=True, autograph=False)
 
         def lookup_bags(ids):
             if layer.check_ids:  # before TensorFlow's gather, whose own error names no feature
@@ -165,16 +181,28 @@ class FastTrainStep:
             return pool(rows), tf.constant(False)
 
         lookup_bags.pool = pool
-        return tf.function(lookup_bags, reduce_retracing=True), False
+        return tf.function(lookup_bags, reduce_retracing=True, autograph=False), False
+
+    @staticmethod
+    def _make_rows(model):
+        """The tables' row updates (SGD or Adagrad), compiled: ``rows(embedded_grad, ids, lr)``."""
+        kind = sparse_update_kind(model.optimizer)
+
+        def rows(embedded_grad, ids, lr):
+            apply_table_rows(model, embedded_grad, ids, kind, lr)
+
+        return tf.function(rows, jit_compile=True, reduce_retracing=True, autograph=False), True
 
     @staticmethod
     def _make_apply(model):
-        kind = sparse_update_kind(model.optimizer)
-
+        """Any other optimizer: one ``apply_gradients`` of the dense weights and the tables' rows
+        (``IndexedSlices``), not compiled."""
         def apply(dense_grads, embedded_grad, ids):
-            apply_gradients(model, dense_grads, embedded_grad, ids, kind)
+            layer = model.sparse_arch
+            pairs = list(zip(dense_grads, model.dense_variables))
+            model.optimizer.apply_gradients(pairs + list(zip(layer.sparse_gradients(embedded_grad, ids), layer.tables)))
 
-        return tf.function(apply, jit_compile=kind is not None, reduce_retracing=True), kind is not None
+        return tf.function(apply, reduce_retracing=True, autograph=False), False
 
     @staticmethod
     def _make_full(model):
@@ -189,7 +217,7 @@ class FastTrainStep:
             apply_gradients(model, grads[:-1], grads[-1], ids, kind)
             return y_pred
 
-        return tf.function(full, jit_compile=True, reduce_retracing=True), True
+        return tf.function(full, jit_compile=True, reduce_retracing=True, autograph=False), True
 
 
 def _loss_and_gradients(model, x, dense, embedded, y, sample_weight):
@@ -217,26 +245,37 @@ def _create_slots(model) -> None:
             optimizer._create_all_weights(model.trainable_variables)  # noqa: SLF001
 
 
-def apply_gradients(model, dense_grads, embedded_grad, ids, kind: Optional[str]) -> None:
-    """One optimizer step: ``dense_grads`` for the dense weights (in
-    ``model.dense_variables`` order), ``embedded_grad`` = d loss / d embedded for the tables.
+def learning_rate(optimizer, dtype):
+    """The learning rate of the optimizer's next step, read before ``apply_gradients`` moves its step
+    counter on (a schedule's rate depends on it)."""
+    return tf.identity(optimizer._decayed_lr(dtype))  # noqa: SLF001
 
-    ``kind`` (see :func:`sparse_update_kind`): ``sgd`` and anything else go through
-    ``optimizer.apply_gradients`` with ``IndexedSlices`` for the tables (row updates);
-    ``adagrad`` applies the dense weights that way and the tables' rows below, in a
-    form XLA compiles (TensorFlow's sparse Adagrad kernel has no XLA version).
-    """
-    optimizer = model.optimizer
+
+def apply_gradients(model, dense_grads, embedded_grad, ids, kind: str) -> None:
+    """One optimizer step of the whole model (the fully compiled step): ``dense_grads`` for the dense
+    weights (in ``model.dense_variables`` order) by the optimizer, ``embedded_grad`` = d loss / d
+    embedded for the tables' rows by :func:`apply_table_rows`."""
+    lr = learning_rate(model.optimizer, model.sparse_arch.tables[0].dtype)
+    apply_table_rows(model, embedded_grad, ids, kind, lr)
+    model.optimizer.apply_gradients(list(zip(dense_grads, model.dense_variables)))
+
+
+def apply_table_rows(model, embedded_grad, ids, kind: str, lr) -> None:
+    """The tables' part of an SGD (``kind`` ``sgd``) or Adagrad (``adagrad``) step at learning rate
+    ``lr``, on the looked-up rows only, in a form XLA compiles: SGD subtracts ``lr x`` each row's
+    gradient (duplicate ids add up, as the legacy SGD's scatter-add of ``IndexedSlices``); Adagrad as
+    ``ResourceSparseApplyAdagradV2`` (whose TensorFlow kernel has no XLA version).  The step counter
+    is the dense update's to move."""
     layer = model.sparse_arch
-    dense_pairs = list(zip(dense_grads, model.dense_variables))
     table_grads = layer.sparse_gradients(embedded_grad, ids)
-    if kind != "adagrad":
-        optimizer.apply_gradients(dense_pairs + list(zip(table_grads, layer.tables)))
+    if kind == "sgd":
+        for table, grad in zip(layer.tables, table_grads):
+            table.scatter_sub(tf.IndexedSlices(lr * grad.values, grad.indices))
         return
-    dtype = layer.tables[0].dtype
-    lr = tf.identity(optimizer._decayed_lr(dtype))  # noqa: SLF001 (before apply_gradients moves the step on)
-    epsilon = tf.convert_to_tensor(optimizer.epsilon, dtype)
-    optimizer.apply_gradients(dense_pairs)
+    if kind != "adagrad":
+        raise ValueError(f"no compiled row update for {kind!r}")
+    optimizer = model.optimizer
+    epsilon = tf.convert_to_tensor(optimizer.epsilon, lr.dtype)
     for table, grad in zip(layer.tables, table_grads):
         _adagrad_rows(table, optimizer.get_slot(table, "accumulator"), grad, lr, epsilon)
 
