@@ -16,11 +16,16 @@ def test_help_lists_the_commands():
 def test_train_runs_end_to_end_and_prints_exact_auc(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--model", "dlrm", "--preset", "tiny", "--data", "synthetic", "--train-examples", "20480",
-                   "--eval-examples", "4096", "--batch-size", "512", "--optimizer", "adagrad", "--lr", "0.05",
+                   "--eval-examples", "4096", "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "dlrm held-out: exact AUC" in proc.stdout and "teacher AUC" in proc.stdout
     assert "Traceback" not in proc.stderr
+    # batch 256 on one device: one thread an op, an op a core at once (tfdlrm/training/threads.py)
+    from tfdlrm.training.threads import cores
+
+    expected = f"threads: intra-op 1, inter-op {cores()}" if cores() > 1 else "threads: intra-op TensorFlow's"
+    assert expected in proc.stdout
     assert json.loads((out / "run.json").read_text())["model"] == "dlrm"
     assert (out / "checkpoints" / "checkpoint").is_file()
 

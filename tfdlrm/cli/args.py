@@ -230,6 +230,11 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=(AUTO, *MIXED_PRECISIONS), default="auto",
                    help="bf16 = MLPs compute in bfloat16, weights and embedding tables stay float32; off = float32 "
                         "(default: auto = bf16 where the CPU has native bfloat16, avx512_bf16 or AMX)")
+    g.add_argument("--threads", choices=("auto", "tf"), default="auto",
+                   help="TensorFlow's thread pools: auto = one thread an op and several ops at once at batch "
+                        "sizes up to 256 on one device (a step of small matmuls), TensorFlow's defaults above; "
+                        "tf = TensorFlow's defaults always. TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS in "
+                        "the environment win")
     g.add_argument("--huge-pages", choices=("auto", "off"), default="auto",
                    help="auto: on Linux with glibc 2.35+ and transparent huge pages in madvise mode, the command "
                         "restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that the embedding "

@@ -60,6 +60,7 @@ from tfdlrm.training.stream import (
     steps_per_execution,
     training_stream,
 )
+from tfdlrm.training.threads import use_thread_pools
 
 
 def train(spec: TrainSpec, log: Callable[[str], None] = print) -> RunResult:
@@ -78,6 +79,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     from tfdlrm.pipelines.sources import damaged_data_named, open_data
 
     spec.check()
+    threads = use_thread_pools(spec.batch_size, spec.threads, spec.parallel)  # before TensorFlow's runtime starts
     if spec.devices is not None and spec.parallel != "ps":
         configure_devices(spec.devices)  # before TensorFlow's runtime starts
     if spec.deterministic:
@@ -134,7 +136,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
         f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
         f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}; "
-        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs, {per_call} steps a call")
+        f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs, {per_call} steps a call; {threads}")
     if setup.plan is not None and len(setup.devices) > 1:
         per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
         log(f"embedding bytes per device: {per_device}")

@@ -145,7 +145,7 @@ def load_run(run_dir: str, mixed_precision: Optional[str] = "run",
 # TrainSpec fields that may change when a run resumes: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "out", "verbose", "devices", "parallel", "budget", "cache_dir",
                      "checkpoint_every", "keep", "deterministic", "restart", "xla", "log_every",
-                     "steps_per_execution")
+                     "steps_per_execution", "threads")
 
 
 # TrainSpec fields compared by what they resolve to (run.json's top level), not as asked.

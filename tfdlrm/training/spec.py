@@ -79,6 +79,8 @@ class TrainSpec:
     # parallel modes) and bfloat16 MLPs (auto = on where the CPU has native bf16)
     xla: str = "auto"
     mixed_precision: str = "auto"
+    # TensorFlow's thread pools by batch size (auto) or its defaults (tf): tfdlrm/training/threads.py
+    threads: str = "auto"
     # before training, check every shard's and vocabulary file's sha256 against the manifest
     # (without it: the held-out shards only; pipelines/sources.py CriteoSource)
     verify_data: bool = False
@@ -143,6 +145,9 @@ class TrainSpec:
 
         resolve_xla(self.xla, self.parallel)
         resolve_mixed_precision(self.mixed_precision)
+        from tfdlrm.training.threads import thread_pools
+
+        thread_pools(self.batch_size, self.threads, self.parallel)
         from tfdlrm.training.memory import parse_memory_limit
 
         parse_memory_limit(self.memory_limit)
