@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def assets(tmp_path_factory) -> dict:
     proc = run_main(["train", "--train-examples", "2048", "--eval-examples", "1024", "--batch-size", "512",
                      "--optimizer", "adagrad", "--lr", "0.05", "--out", str(a["run"])])
     assert proc.returncode == 0, proc.stderr
+    # a stand-in for a checkout of facebookresearch/dlrm, and a Python without PyTorch (this one)
+    a["checkout"] = root / "dlrm-checkout"
+    a["checkout"].mkdir()
+    (a["checkout"] / "dlrm_s_pytorch.py").write_text("import torch\n")
+    a["python"] = sys.executable
     a["bare_run"] = root / "bare_run"
     a["bare_run"].mkdir()
     shutil.copy(a["run"] / "run.json", a["bare_run"] / "run.json")
@@ -217,6 +223,19 @@ ROWS = [
     ("bench-fit/train-fails", ["bench", "fit", "--batch-sizes", "128", "--repeats", "1", "--train-examples", "10",
                                "--tmp-dir", "{tmp}"],
      ["bench fit", "failed (exit 2)", "train examples must be at least 1024"], {"absent": ["tfdlrm-bench-fit-*"]}),
+    ("bench-fit/reference-alone", ["bench", "fit", "--reference", "{dir}"], ["--reference and --torch-python go together"],
+     {"command": ("bench", "fit")}),
+    ("bench-fit/reference-not-a-checkout", ["bench", "fit", "--repeats", "1", "--reference", "{dir}", "--torch-python",
+                                            "{file}", "--tmp-dir", "{tmp}"],
+     ["--reference", "no dlrm_s_pytorch.py there"], {"absent": ["tfdlrm-bench-fit-*"]}),
+    ("bench-fit/reference-python-without-torch", ["bench", "fit", "--repeats", "1", "--reference", "{checkout}",
+                                                  "--torch-python", "{python}", "--tmp-dir", "{tmp}"],
+     ["cannot import the reference's dlrm_s_pytorch.py", "No module named"], {"absent": ["tfdlrm-bench-fit-*"]}),
+    ("bench-fit/examples-with-a-dataset", ["bench", "fit", "--data", "{dataset}", "--train-examples", "2048"],
+     ["--train-examples and --rows are for --data synthetic"], {}),
+    ("bench-train/reference-wrong-model", ["bench", "train", "--model", "dcn", "--reference", "{checkout}",
+                                           "--torch-python", "{python}"], ["--reference", "--model dlrm"],
+     {"command": ("bench", "train")}),
 
     # -- bench parallel
     ("bench-parallel/device-counts-zero", ["bench", "parallel", "--device-counts", "0"], ["device counts"], {}),

@@ -29,7 +29,8 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
         cache_dir=args.cache_dir, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency,
         checkpoint_every=args.checkpoint_every, deterministic=args.deterministic,
         log_every=args.log_every, steps_per_execution=args.steps_per_execution, verbose=0 if args.quiet else "auto",
-        xla=args.xla, mixed_precision=args.mixed_precision, memory_limit=args.memory_limit, **extra,
+        xla=args.xla, mixed_precision=args.mixed_precision, threads=args.threads, memory_limit=args.memory_limit,
+        **extra,
     )
 
 
@@ -119,6 +120,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def strip_flags(argv: list[str], flags: tuple) -> list[str]:
+    """``argv`` without ``flags`` and their values (``--flag VALUE`` or ``--flag=VALUE``; ``--json`` alone)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in item and name != "--json"
+            continue
+        kept.append(item)
+    return kept
+
+
+def reference_from_args(args: argparse.Namespace):
+    """``--reference DIR --torch-python PY`` as a :class:`tfdlrm.bench.reference.Reference`, both or neither."""
+    if args.reference is None and args.torch_python is None:
+        return None
+    if args.reference is None or args.torch_python is None:
+        raise UserError("--reference and --torch-python go together: the checkout of facebookresearch/dlrm and "
+                        "the Python with PyTorch that runs it")
+    from tfdlrm.bench.reference import Reference
+
+    return Reference(args.reference, args.torch_python)
+
+
 def cmd_bench_fit(args: argparse.Namespace) -> int:
     import json
     import shlex
@@ -126,7 +154,8 @@ def cmd_bench_fit(args: argparse.Namespace) -> int:
     from tfdlrm.bench.fit import bench_fit, format_fit
 
     result = bench_fit(batch_sizes=args.batch_sizes, repeats=args.repeats, model=args.model, preset=args.preset,
-                       rows=args.rows, examples=args.train_examples, extra=shlex.split(args.train_args), tmp_dir=args.tmp_dir,
+                       rows=args.rows, examples=args.train_examples, extra=shlex.split(args.train_args),
+                       tmp_dir=args.tmp_dir, data=args.data, reference=reference_from_args(args), lr=args.lr,
                        log=progress_log(args))
     print(json.dumps(result, indent=2) if args.json else format_fit(result))
     return 0
@@ -245,10 +274,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             print()
             print(format_suite(results))
         return 1 if any("error" in r for r in results) else 0
+    reference = reference_from_args(args)
+    if reference is not None:
+        from tfdlrm.bench.train import bench_train_pairs, format_pairs
+        from tfdlrm.presets import get_preset
+
+        if args.model != "dlrm" or args.profile:
+            raise UserError("--reference runs the reference's DLRM: use --model dlrm, without --profile")
+        config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
+        result = bench_train_pairs(strip_flags(args.argv[2:], ("--reference", "--torch-python", "--pairs", "--json")),
+                                   reference, config, args.batch_size or 2048, args.pairs, args.lr, log=log)
+        print(json.dumps(result, indent=2) if args.json else format_pairs(result))
+        return 0
     result = bench_train(model=args.model, preset=args.preset, rows=args.rows, data=args.data,
                          batch_size=args.batch_size or 2048, optimizer=args.optimizer, lr=args.lr,
                          warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                          distinct_batches=args.distinct_batches, xla=args.xla, mixed_precision=args.mixed_precision,
+                         threads=args.threads,
                          overrides=config_overrides(args), tmp_dir=args.tmp_dir, profile=args.profile, log=log)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -95,6 +95,13 @@ def add_bench_train_parser(benches) -> None:
                         "benchmark, TFRecord data, and the stock step), each in a fresh process")
     p.add_argument("--profile", metavar="DIR", help="also profile 10 steps into DIR (TensorBoard) and print the "
                                                     "top ops per step")
+    p.add_argument("--reference", metavar="DIR",
+                   help="a checkout of facebookresearch/dlrm: --pairs times, this benchmark in a fresh process and "
+                        "then the reference's own dlrm_s_pytorch.py --data-generation=random with the same tables, "
+                        "MLPs and batch; medians and the ratio")
+    p.add_argument("--torch-python", metavar="PY",
+                   help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
+    p.add_argument("--pairs", type=positive_int, default=3, help="--reference: runs of each side (default: 3)")
     p.add_argument("--tmp-dir", help="--data tfrecord: where the temporary directory goes (default: the system's)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     add_model_args(p, preset="kaggle")
@@ -220,18 +227,27 @@ def add_bench_parser(sub):
     b.set_defaults(func=cmd_bench_serving)
     add_bench_train_parser(benches)
     b = benches.add_parser(
-        "fit", help="train itself end to end (metrics.json's examples/s) at batch 128 and 2048",
-        description="Run `train --data synthetic` in fresh processes with every default on (progress, "
-                    "evaluations, checkpoints, TensorBoard) and report metrics.json's examples/s (median of "
-                    "--repeats, batch sizes interleaved), the command's wall time and peak memory, against the "
-                    "PyTorch reference DLRM's figures on this machine.")
+        "fit", help="train itself end to end (metrics.json's examples/s) at batch 128 and 2048, beside the reference",
+        description="Run `train` (SGD, one epoch) in fresh processes with every default on (progress, "
+                    "evaluations, checkpoints, TensorBoard) on generated rows or a converted dataset, and report "
+                    "metrics.json's examples/s (median of --repeats, batch sizes interleaved), the command's wall "
+                    "time and peak memory. With --reference and --torch-python, facebookresearch/dlrm's DLRM_Net "
+                    "trains one epoch on the same rows right after each run, and the ratio is printed.")
+    b.add_argument("--data", default="synthetic", metavar="DIR",
+                   help="a converted dataset (convert --out DIR), or synthetic: rows generated while training "
+                        "(default)")
+    b.add_argument("--reference", metavar="DIR",
+                   help="a checkout of facebookresearch/dlrm: run its DLRM_Net on the same rows after each run")
+    b.add_argument("--torch-python", metavar="PY",
+                   help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
+    b.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate, both sides (default: 0.1)")
     b.add_argument("--batch-sizes", type=int_list, default=[128, 2048], help="batch sizes (default: 128,2048)")
     b.add_argument("--repeats", type=positive_int, default=3, help="runs per batch size (default: 3)")
     b.add_argument("--model", default="dlrm", choices=MODEL_NAMES, help="model (default: dlrm)")
     b.add_argument("--preset", default="kaggle", choices=PRESET_NAMES, help="preset (default: kaggle)")
     b.add_argument("--rows", type=positive_int, help="rows per table (default: the preset's)")
     b.add_argument("--train-examples", type=positive_int,
-                   help="training rows of a run (default: 500000 below batch 1024, else 2000000)")
+                   help="--data synthetic: training rows of a run (default: 500000 below batch 1024, else 2000000)")
     b.add_argument("--train-args", default="", metavar="FLAGS",
                    help="more train flags, one quoted string (e.g. \"--steps-per-execution 1\")")
     b.add_argument("--tmp-dir", help="where the runs' directories go (default: the system's)")

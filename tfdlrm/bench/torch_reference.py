@@ -1,0 +1,110 @@
+"""Train facebookresearch/dlrm's own ``DLRM_Net`` on the rows of an ``.npz`` (``bench fit --reference``).
+
+A script for a Python that has PyTorch, run by ``tfdlrm.bench.reference`` as
+
+    TORCH_PYTHON torch_reference.py --checkout DIR --npz FILE --batch-size 128 --lr 0.1 [--threads N]
+
+It imports nothing of tfdlrm (nor TensorFlow): ``DLRM_Net`` comes from ``dlrm_s_pytorch.py`` of the
+reference's checkout, built with the widths of the rows' tables and the kaggle MLPs (or those
+given), and trained one epoch over the ``.npz``'s training rows in their stored order, batch after
+batch as the reference's training loop does (forward, BCE loss read back to the host, zero_grad,
+backward, SGD step); the held-out rows are then scored.  One JSON line on stdout:
+``examples_per_second`` (the epoch's rows over its wall time, batch slicing included),
+``train_seconds``, ``cpu_seconds``, ``auc``, ``torch``, ``threads``.
+"""
+import os
+import sys
+
+# This file's folder (tfdlrm/bench) holds a profile.py: off the path, or it hides the standard library's.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+
+def rank_auc(labels, scores):
+    """ROC AUC with ties averaged (the Mann-Whitney statistic)."""
+    import numpy as np
+
+    order = np.argsort(scores, kind="mergesort")
+    ordered = scores[order]
+    cut = np.flatnonzero(np.diff(ordered)) + 1
+    starts, ends = np.r_[0, cut], np.r_[cut, len(scores)]
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    positive = labels.sum()
+    return float((ranks[labels == 1].sum() - positive * (positive + 1) / 2) / (positive * (len(labels) - positive)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkout", required=True, help="a checkout of facebookresearch/dlrm")
+    p.add_argument("--npz", required=True, help="tr_dense, tr_sparse, tr_y, te_dense, te_sparse, te_y, rows")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--bottom-mlp", default="13-512-256-64-16")
+    p.add_argument("--top-mlp", default="512-256-1", help="without its input width")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+
+    sys.path.insert(0, os.path.abspath(args.checkout))
+    sys.argv = [sys.argv[0]]
+    with contextlib.redirect_stdout(io.StringIO()):  # its optional imports (onnx, mlperf) print
+        import dlrm_s_pytorch as reference
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    np.random.seed(args.seed)  # DLRM_Net draws its initial weights from numpy, as the reference's run
+    torch.manual_seed(args.seed)
+    data = np.load(args.npz)
+    rows = np.array(data["rows"], dtype=np.int64)
+    bottom = np.array([int(w) for w in args.bottom_mlp.split("-")])
+    vectors = len(rows) + 1
+    top = np.array([int(bottom[-1]) + vectors * (vectors - 1) // 2] + [int(w) for w in args.top_mlp.split("-")])
+    net = reference.DLRM_Net(m_spa=int(bottom[-1]), ln_emb=rows, ln_bot=bottom, ln_top=top,
+                             arch_interaction_op="dot", arch_interaction_itself=False, sigmoid_bot=-1,
+                             sigmoid_top=len(top) - 2, loss_function="bce")
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+
+    def batch_of(dense, sparse, i, n):
+        ids = sparse[i:i + n]
+        count = len(ids)
+        offsets = [torch.arange(count) for _ in range(ids.shape[1])]
+        return dense[i:i + n], offsets, [ids[:, k].contiguous() for k in range(ids.shape[1])]
+
+    dense = torch.from_numpy(np.ascontiguousarray(data["tr_dense"], np.float32))
+    sparse = torch.from_numpy(np.ascontiguousarray(data["tr_sparse"], np.int64))
+    labels = torch.from_numpy(np.ascontiguousarray(data["tr_y"], np.float32).reshape(-1, 1))
+    n = len(labels)
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, n, args.batch_size):
+        x, offsets, ids = batch_of(dense, sparse, i, args.batch_size)
+        z = net(x, offsets, ids)
+        loss = net.loss_fn(z, labels[i:i + args.batch_size])
+        loss.detach().cpu().numpy()  # the reference's loop reads every step's loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+
+    held_dense = torch.from_numpy(np.ascontiguousarray(data["te_dense"], np.float32))
+    held_sparse = torch.from_numpy(np.ascontiguousarray(data["te_sparse"], np.int64))
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(held_dense), 4096):
+            scores.append(net(*batch_of(held_dense, held_sparse, i, 4096)).numpy().ravel())
+    print(json.dumps({"examples": n, "examples_per_second": round(n / seconds), "train_seconds": round(seconds, 3),
+                      "cpu_seconds": round(cpu, 2), "auc": round(rank_auc(np.asarray(data["te_y"]).ravel(),
+                                                                          np.concatenate(scores)), 4),
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
