@@ -32,6 +32,13 @@ def rows_per_epoch(rows: int, batch_size: int, last_batch: str = "keep") -> int:
     return full * batch_size if last_batch == "drop" and full > 0 else rows
 
 
+def odd_batches(rows: int, batch_size: int, last_batch: str = "keep") -> bool:
+    """Does an epoch of ``rows`` rows have a batch of another size than ``batch_size`` (its short or
+    folded last batch)?"""
+    full, rest = divmod(rows, batch_size)
+    return full == 0 or (rest > 0 and last_batch != "drop")
+
+
 def rebatch(data: tf.data.Dataset, rows: int, batch_size: int, last_batch: str = "keep") -> tf.data.Dataset:
     """``data`` (any batching, ``rows`` rows in all) cut into the epoch's training batches."""
     full, rest = divmod(rows, batch_size)

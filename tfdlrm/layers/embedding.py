@@ -255,13 +255,15 @@ class EmbeddingTables(tf.keras.layers.Layer):
         d(loss)/d(:meth:`embed` output) ``[batch, features, dim]``: exactly what
         differentiating through the gathers gives, without a tape over the tables.
         Each bag's gradient goes to every id in the bag (divided by the bag size for
-        ``mean``)."""
+        ``mean``).  ``grad`` and ``ids`` may also come split by feature already (lists of
+        ``[batch, dim]`` and ``[batch(, k)]``: ``tf.unstack(..., axis=1)``)."""
         grads = []
-        for f, table in enumerate(self.tables):
-            g = tf.cast(grad[:, f], table.dtype)  # [batch, dim]
-            index = ids[:, f]
-            if ids.shape.rank == 3:
-                k = ids.shape[2] if ids.shape[2] is not None else tf.shape(ids)[2]
+        columns = ids if isinstance(ids, (list, tuple)) else tf.unstack(ids, num=self.num_features, axis=1)
+        rows = grad if isinstance(grad, (list, tuple)) else tf.unstack(grad, num=self.num_features, axis=1)
+        for table, g, index in zip(self.tables, rows, columns):
+            g = tf.cast(g, table.dtype)  # [batch, dim]
+            if index.shape.rank == 2:
+                k = index.shape[1] if index.shape[1] is not None else tf.shape(index)[1]
                 if self.pooling == "mean":
                     g = g / tf.cast(k, g.dtype)
                 g = tf.reshape(tf.broadcast_to(g[:, None, :], [tf.shape(g)[0], k, self.dim]), [-1, self.dim])

@@ -15,7 +15,7 @@ from tfdlrm.errors import UserError
 from tfdlrm.metrics import Evaluation
 from tfdlrm.parallel.devices import parse_budget
 from tfdlrm.parallel.setup import configure_devices, make_parallel
-from tfdlrm.pipelines.batching import rows_per_epoch
+from tfdlrm.pipelines.batching import odd_batches, rows_per_epoch
 from tfdlrm.training.callbacks import (
     EpochEvaluation,
     LearningCurve,
@@ -131,6 +131,9 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         per_call = steps_per_execution(spec.batch_size, spec.log_every, spec.checkpoint_every,
                                        asked=spec.steps_per_execution) if setup.mode == "none" else 1
         compile_model(model, spec.optimizer, lr, spec.embedding_optimizer, embedding_lr, xla=xla)
+    if getattr(model, "fast_step", None) is not None and odd_batches(source.train_examples, spec.batch_size,
+                                                                     spec.last_batch):
+        model.fast_step.batch_size = spec.batch_size  # the epoch's odd last batch: the parts uncompiled
     setup.attach(model)
     params = model.count_params()
     log(f"{spec.model}: preset {config.preset}, {config.num_tables} tables ({sum(config.table_rows):,} rows, "
