@@ -61,6 +61,15 @@ class Reference:
             raise UserError(f"the reference's run failed (exit {done.returncode}): {_last_line(done.stderr)}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def floor(self, config, batch_size: int) -> dict:
+        """PyTorch's MLP-only floor for ``config``'s MLPs (torch_reference.py --floor), in this Python."""
+        done = self._run([self.python, str(DRIVER), "--floor", "--batch-size", str(batch_size),
+                          "--tables", str(config.num_tables), "--bottom-mlp", "-".join(map(str, config.bottom_mlp)),
+                          "--top-mlp", "-".join(map(str, config.top_mlp))])
+        if done.returncode != 0:
+            raise UserError(f"PyTorch's MLP floor failed (exit {done.returncode}): {_last_line(done.stderr)}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     def random_step(self, config, batch_size: int, batches: int = 60, lr: float = 0.1) -> dict:
         """The reference's own script on its random data: ms a step (median of its 10-batch
         windows after the first), its command and every window."""

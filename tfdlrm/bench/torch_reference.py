@@ -3,6 +3,7 @@
 A script for a Python that has PyTorch, run by ``tfdlrm.bench.reference`` as
 
     TORCH_PYTHON torch_reference.py --checkout DIR --npz FILE --batch-size 128 --lr 0.1 [--threads N]
+    TORCH_PYTHON torch_reference.py --floor --batch-size 128 [--tables 26 --bottom-mlp ... --top-mlp ...]
 
 It imports nothing of tfdlrm (nor TensorFlow): ``DLRM_Net`` comes from ``dlrm_s_pytorch.py`` of the
 reference's checkout, built with the widths of the rows' tables and the kaggle MLPs (or those
@@ -41,15 +42,22 @@ def rank_auc(labels, scores):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkout", required=True, help="a checkout of facebookresearch/dlrm")
-    p.add_argument("--npz", required=True, help="tr_dense, tr_sparse, tr_y, te_dense, te_sparse, te_y, rows")
+    p.add_argument("--checkout", help="a checkout of facebookresearch/dlrm")
+    p.add_argument("--npz", help="tr_dense, tr_sparse, tr_y, te_dense, te_sparse, te_y, rows")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--bottom-mlp", default="13-512-256-64-16")
     p.add_argument("--top-mlp", default="512-256-1", help="without its input width")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--floor", action="store_true",
+                   help="instead: PyTorch's MLP-only floor at --batch-size (tfdlrm/bench/floor.py's, in PyTorch)")
+    p.add_argument("--tables", type=int, default=26, help="--floor: categorical features (the top MLP's input)")
     args = p.parse_args()
+    if args.floor:
+        return floor(args)
+    if not args.checkout or not args.npz:
+        p.error("--checkout and --npz are needed (or --floor)")
 
     sys.path.insert(0, os.path.abspath(args.checkout))
     sys.argv = [sys.argv[0]]
@@ -102,6 +110,63 @@ def main() -> int:
     print(json.dumps({"examples": n, "examples_per_second": round(n / seconds), "train_seconds": round(seconds, 3),
                       "cpu_seconds": round(cpu, 2), "auc": round(rank_auc(np.asarray(data["te_y"]).ravel(),
                                                                           np.concatenate(scores)), 4),
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    return 0
+
+
+def floor(args) -> int:
+    """The bottom and top MLPs alone in PyTorch, as tfdlrm's ``bench train`` times them in TensorFlow: no
+    biases, ReLU between layers, a fixed stand-in for the interaction's output, logistic loss, backward,
+    ``torch.optim.SGD``; one step a Python call (PyTorch's way).  JSON: ms a step, median of 5 runs."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    bottom = [int(w) for w in args.bottom_mlp.split("-")]
+    top = [int(w) for w in args.top_mlp.split("-")]
+    vectors = args.tables + 1
+    top = [bottom[-1] + vectors * (vectors - 1) // 2, *top]
+
+    def weights(widths):
+        return [torch.nn.Parameter(torch.tensor(rng.normal(0.0, np.sqrt(2.0 / (a + b)), (b, a)).astype(np.float32)))
+                for a, b in zip(widths[:-1], widths[1:])]
+
+    bottom_w, top_w = weights(bottom), weights(top)
+    b = args.batch_size
+    dense = torch.tensor(np.abs(rng.normal(size=(b, bottom[0]))).astype(np.float32))
+    interaction = torch.tensor(rng.normal(size=(b, top[0] - bottom[-1])).astype(np.float32))
+    labels = torch.tensor((rng.random((b, 1)) < 0.25).astype(np.float32))
+    optimizer = torch.optim.SGD(bottom_w + top_w, lr=1e-4)
+
+    def forward(ws, h, relu_last):
+        for i, w in enumerate(ws):
+            h = h @ w.t()
+            if i < len(ws) - 1 or relu_last:
+                h = torch.relu(h)
+        return h
+
+    def step():
+        optimizer.zero_grad()
+        logits = forward(top_w, torch.cat([forward(bottom_w, dense, True), interaction], dim=1), False)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        optimizer.step()
+
+    steps = max(10, 25_600 // b)
+    for _ in range(steps):
+        step()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        runs.append((time.perf_counter() - start) / steps * 1000)
+    print(json.dumps({"ms_per_step": round(statistics.median(runs), 3), "runs_ms_per_step": [round(r, 3) for r in runs],
+                      "bottom_mlp": "-".join(map(str, bottom)), "top_mlp": "-".join(map(str, top)),
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
     return 0
 

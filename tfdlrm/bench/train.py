@@ -305,17 +305,24 @@ def bench_train_pairs(argv: list[str], reference, config, batch_size: int, pairs
                             f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
         ours.append(json.loads(proc.stdout))
         theirs.append(reference.random_step(config, batch_size, lr=lr))
+        if config.interaction == "dot":
+            theirs[-1]["floor"] = reference.floor(config, batch_size)
         log(f"pair {k + 1}/{pairs}: tfdlrm {ours[-1]['examples_per_second']:,} examples/s "
-            f"({ours[-1]['ms_per_step']:.1f} ms/step), reference {theirs[-1]['examples_per_second']:,} "
-            f"({theirs[-1]['ms_per_step']:.1f} ms/step)")
+            f"({ours[-1]['ms_per_step']:.1f} ms/step; MLP floor {ours[-1].get('floor', {}).get('ms_per_step', '-')} "
+            f"ms), reference {theirs[-1]['examples_per_second']:,} ({theirs[-1]['ms_per_step']:.1f} ms/step; "
+            f"PyTorch's MLP floor {theirs[-1].get('floor', {}).get('ms_per_step', '-')} ms)")
     mine = statistics.median(o["examples_per_second"] for o in ours)
     ref = statistics.median(t["examples_per_second"] for t in theirs)
+    floors = {}
+    if all("floor" in o for o in ours) and all("floor" in t for t in theirs):
+        floors = {"floor_ms_per_step": statistics.median(o["floor"]["ms_per_step"] for o in ours),
+                  "reference_floor_ms_per_step": statistics.median(t["floor"]["ms_per_step"] for t in theirs)}
     return {"bench": "train pairs", "pairs": pairs, "ours": ours, "reference_runs": theirs,
             "examples_per_second": round(mine), "reference_examples_per_second": round(ref),
             "ratio_to_reference": round(mine / ref, 2),
             "pair_ratios": [round(o["examples_per_second"] / t["examples_per_second"], 2)
                             for o, t in zip(ours, theirs)],
-            "machine": ours[0]["machine"]}
+            **floors, "machine": ours[0]["machine"]}
 
 
 def format_pairs(result: dict) -> str:
@@ -325,4 +332,8 @@ def format_pairs(result: dict) -> str:
              f"{result['reference_examples_per_second']:,} (its own dlrm_s_pytorch.py --data-generation=random, the "
              f"same tables, MLPs and batch), medians of {result['pairs']} pairs run one after the other: "
              f"{result['ratio_to_reference']:.2f}x (pairs: {', '.join(f'{x:.2f}' for x in result['pair_ratios'])})"]
+    if "floor_ms_per_step" in result:
+        lines.append(f"MLP-only floor, medians of the same runs: TensorFlow {result['floor_ms_per_step']:.2f} ms a step, "
+                     f"PyTorch {result['reference_floor_ms_per_step']:.2f} ms (the same MLPs, forward, backward and "
+                     f"SGD alone; PyTorch one step a Python call)")
     return "\n".join(lines)
