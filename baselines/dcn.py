@@ -5,7 +5,8 @@
     deep network:   MLP(x0) (512-256)                                            [batch, 256]
     logit = Dense(1)([x_L, deep])                                                [batch, 1]
 
-The dense features are standardised by the training split's mean and variance first.
+The dense features are standardised by the training split's mean and variance first
+(``config.dense_norm``, as DLRM's).
 ``cross="v1"`` is the original DCN; ``cross="v2"`` stacks ``tfrs.layers.dcn.Cross`` (low rank
 with ``cross_low_rank``).  Both share DLRM's embedding layer (tfdlrm/layers/cross.py).
 """
@@ -15,8 +16,7 @@ import tensorflow as tf
 
 from tfdlrm.layers.cross import CrossV1, CrossV2Stack
 from tfdlrm.layers.mlp import MLP
-from tfdlrm.layers.standardize import Standardize
-from tfdlrm.models.base import RecommenderModel, compute_policy, make_sparse_arch
+from tfdlrm.models.base import RecommenderModel, compute_policy, make_dense_norm, make_sparse_arch
 from tfdlrm.presets import CROSS_KINDS, ModelConfig
 from tfdlrm.sizes import dcn_parameter_count
 
@@ -37,10 +37,10 @@ class DCN(RecommenderModel):
         self.mixed_precision = mixed_precision
         self.sparse_arch = make_sparse_arch(config)
         # The dense features enter x0 standardised by the training split's statistics (set by
-        # training.compile.standardize_dense): the cross layers multiply by x0, so SGD's
-        # stable step shrinks with |x0|^2, and Criteo's log counts (all positive, up to ~14)
-        # put lr 0.1 past it.  See docs/accuracy.md.
-        self.dense_norm = Standardize(name="dense_norm")
+        # training.compile.standardize_dense) unless config.dense_norm is "none": the cross layers
+        # multiply by x0, so SGD's stable step shrinks with |x0|^2, and Criteo's log counts (all
+        # positive, up to ~14) put lr 0.1 past it.  See docs/accuracy.md.
+        self.dense_norm = make_dense_norm(config)
         if cross == "v1":
             self.cross_net = CrossV1(config.cross_layers, name="cross_net")
         else:
@@ -53,7 +53,8 @@ class DCN(RecommenderModel):
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         flat = tf.reshape(tf.cast(embedded, tf.float32), [-1, self.config.num_tables * self.config.embedding_dim])
-        x0 = tf.concat([self.dense_norm(dense), flat], axis=1)  # [batch, D]
+        dense = self.dense_norm(dense) if self.dense_norm is not None else tf.cast(dense, tf.float32)
+        x0 = tf.concat([dense, flat], axis=1)  # [batch, D]
         crossed = self.cross_net(x0, compiled=True) if compiled_parts and self.cross == "v1" else self.cross_net(x0)
         joined = tf.concat([crossed, tf.cast(self.deep_net(x0), tf.float32)], axis=1)
         return self.logit_layer(joined)  # [batch, 1]

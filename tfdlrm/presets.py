@@ -32,6 +32,10 @@ BAD_ROW_POLICIES = ("error", "skip")
 GENERATED = ("random", "synthetic")  # --data that needs no files
 SHUFFLES = ("epoch", "once", "none")  # a new order each epoch, one order per seed, or file order
 LAST_BATCH = ("keep", "drop", "fold")  # an epoch's short last batch (pipelines/batching.py)
+# The dense features as every model's first layer sees them: standardised by the training split's
+# mean and variance (the default, all models), or the data's values as they are (the reference's
+# raw log counts); runs saved before the choice existed ran DLRM on raw values.
+DENSE_NORMS = ("standardize", "none")
 
 
 
@@ -67,6 +71,8 @@ class ModelConfig:
     cross_layers: int = 6
     deep_mlp: tuple[int, ...] = (512, 256)
     cross_low_rank: Optional[int] = None
+    # every model: the dense features standardised first (layers/standardize.py), or as they are
+    dense_norm: str = "standardize"
 
     @property
     def num_dense(self) -> int:
@@ -125,6 +131,8 @@ class ModelConfig:
             problems.append(f"cross_layers must be >= 0, got {self.cross_layers}")
         if self.cross_low_rank is not None and self.cross_low_rank <= 0:
             problems.append(f"cross_low_rank must be positive, got {self.cross_low_rank}")
+        if self.dense_norm not in DENSE_NORMS:
+            problems.append(f"dense_norm must be one of {', '.join(DENSE_NORMS)}, got {self.dense_norm!r}")
         if problems:
             raise UserError(f"invalid config for preset {self.preset!r}: " + "; ".join(problems))
         return self
@@ -136,7 +144,9 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict, model: Optional[str] = None) -> "ModelConfig":
+        """The config saved as ``data`` (run.json, a SavedModel's or a checkpoint's), for ``model``:
+        a DLRM saved before ``dense_norm`` existed took its dense features as they were."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -146,6 +156,8 @@ class ModelConfig:
         if missing:
             raise UserError(f"config lacks field(s): {', '.join(missing)}")
         values = dict(data)
+        if "dense_norm" not in values and model == "dlrm":
+            values["dense_norm"] = "none"
         for name in ("bottom_mlp", "top_mlp", "table_rows", "deep_mlp"):
             if name in values:
                 values[name] = tuple(int(v) for v in values[name])

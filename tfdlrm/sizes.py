@@ -33,18 +33,23 @@ def interaction_output_width(kind: str, dense_width: int, dim: int, num_features
     return dense_width + num_features * dim
 
 
+def dense_norm_parameter_count(config: ModelConfig) -> int:
+    """The dense features' standardisation statistics (a mean and a variance per feature, not
+    trained), where the config standardises them."""
+    return 2 * config.num_dense if config.dense_norm == "standardize" else 0
+
+
 def dlrm_parameter_count(config: ModelConfig) -> int:
-    """Embedding rows * dim + bottom MLP + top MLP."""
+    """Embedding rows * dim + bottom MLP + top MLP + the standardisation statistics."""
     width = interaction_output_width(config.interaction, config.bottom_mlp[-1], config.embedding_dim,
                                      config.num_tables, config.self_interaction)
     return (sum(config.table_rows) * config.embedding_dim
             + mlp_parameter_count(config.num_dense, config.bottom_mlp[1:])
-            + mlp_parameter_count(width, config.top_mlp))
+            + mlp_parameter_count(width, config.top_mlp) + dense_norm_parameter_count(config))
 
 
 def dcn_parameter_count(config: ModelConfig, cross: str = "v1") -> int:
-    """Embeddings + cross layers + deep MLP + final logit + the dense features' standardisation
-    statistics (a mean and a variance per feature, not trained)."""
+    """Embeddings + cross layers + deep MLP + final logit + the standardisation statistics."""
     width = config.num_dense + config.num_tables * config.embedding_dim
     if cross == "v1":
         cross_params = config.cross_layers * 2 * width
@@ -53,7 +58,8 @@ def dcn_parameter_count(config: ModelConfig, cross: str = "v1") -> int:
     else:
         cross_params = config.cross_layers * (2 * width * config.cross_low_rank + width)
     return (sum(config.table_rows) * config.embedding_dim + cross_params
-            + mlp_parameter_count(width, config.deep_mlp) + (width + config.deep_mlp[-1]) + 1 + 2 * config.num_dense)
+            + mlp_parameter_count(width, config.deep_mlp) + (width + config.deep_mlp[-1]) + 1
+            + dense_norm_parameter_count(config))
 
 
 def parameter_count(model: str, config: ModelConfig) -> int:

@@ -27,7 +27,8 @@ def main():
     data, run = np.load(args.npz), np.load(args.dump)
     batch_size = int(run["batch_size"])
     tf.keras.utils.set_random_seed(args.seed)
-    model = build_model("dlrm", get_preset("kaggle").with_rows([int(r) for r in data["rows"]]))
+    # the reference's regime: the raw log counts straight into the bottom MLP (--dense-norm none)
+    model = build_model("dlrm", get_preset("kaggle", dense_norm="none").with_rows([int(r) for r in data["rows"]]))
     compile_model(model, "sgd", float(run["lr"]))
     x = {"dense": data["tr_dense"].astype("float32"), "sparse": data["tr_sparse"].astype("int64")}
     y = data["tr_y"].astype("float32").reshape(-1, 1)

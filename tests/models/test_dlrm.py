@@ -3,8 +3,10 @@ import pytest
 import tensorflow as tf
 
 from tfdlrm.baselines.dcn import DCN
+from tfdlrm.errors import UserError
 from tfdlrm.models.dlrm import DLRM
-from tfdlrm.presets import PRESET_NAMES, get_preset
+from tfdlrm.presets import DENSE_NORMS, PRESET_NAMES, ModelConfig, get_preset
+from tfdlrm.training.rundir import settings_differences
 
 
 def relu(x):
@@ -50,10 +52,47 @@ def test_dlrm_forward_equals_numpy_composition(config):
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-def test_parameter_count_is_closed_form(preset):
-    config = get_preset(preset, rows=20)
+@pytest.mark.parametrize("dense_norm", DENSE_NORMS)
+def test_parameter_count_is_closed_form(preset, dense_norm):
+    config = get_preset(preset, rows=20, dense_norm=dense_norm)
     model = DLRM(config).build_from_config()
     assert model.count_params() == DLRM.parameter_count(config)
+    assert (model.dense_norm is None) == (dense_norm == "none")
+
+
+@pytest.mark.parametrize("model_class", [DLRM, DCN])
+def test_standardised_model_equals_the_raw_model_on_standardised_inputs(config, model_class):
+    """--dense-norm standardize is (x - mean) / sqrt(variance + 1e-6) before the first layer, and
+    nothing else: the same weights without it, given those values computed in numpy, predict the same."""
+    ours = model_class(config).build_from_config()
+    raw = model_class(config.replace(dense_norm="none")).build_from_config()
+    x = batch(config, n=32)
+    rng = np.random.default_rng(3)
+    mean, variance = rng.normal(size=13), rng.uniform(0.1, 4.0, size=13)
+    ours.dense_norm.set_statistics(mean, variance)
+    statistics = {id(ours.dense_norm.mean), id(ours.dense_norm.variance)}
+    raw.set_weights([w.numpy() for w in ours.weights if id(w) not in statistics])
+    standardised = ((x["dense"].astype(np.float64) - mean) / np.sqrt(variance + 1e-6)).astype(np.float32)
+    expected = raw({"dense": standardised, "sparse": x["sparse"]}).numpy()
+    np.testing.assert_allclose(ours(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(raw(x).numpy(), expected, atol=1e-3)  # the statistics matter here
+
+
+def test_dense_norm_in_the_config_and_from_runs_saved_before_it(config):
+    saved = config.to_dict()
+    assert saved["dense_norm"] == "standardize"  # the default, every model
+    del saved["dense_norm"]
+    assert ModelConfig.from_dict(saved, "dlrm").dense_norm == "none"  # DLRM took raw values before
+    assert ModelConfig.from_dict(saved, "dcn").dense_norm == "standardize"
+    with pytest.raises(UserError, match="dense_norm must be one of standardize, none"):
+        config.replace(dense_norm="minmax")
+    rebuilt = DLRM.from_config({"config": saved, "name": "dlrm"})
+    assert rebuilt.config.dense_norm == "none" and rebuilt.dense_norm is None
+    # a DLRM run saved before the option is not resumed as a standardised one
+    asked = {"model": "dlrm", "config": config.to_dict()}
+    assert "dense_norm: none != standardize" in settings_differences({"model": "dlrm", "config": saved}, asked)
+    assert not [d for d in settings_differences({"model": "dcn", "config": saved}, {**asked, "model": "dcn"})
+                if "dense_norm" in d]
 
 
 def test_paper_kaggle_parameter_count_by_hand():
@@ -61,7 +100,9 @@ def test_paper_kaggle_parameter_count_by_hand():
     bottom = 13 * 512 + 512 + 512 * 256 + 256 + 256 * 64 + 64 + 64 * 16 + 16
     top_in = 16 + 27 * 26 // 2  # 367, as the reference's arch-mlp-top adjustment
     top = top_in * 512 + 512 + 512 * 256 + 256 + 256 + 1
-    assert DLRM.parameter_count(config) == 26 * 1000 * 16 + bottom + top
+    assert DLRM.parameter_count(config.replace(dense_norm="none")) == 26 * 1000 * 16 + bottom + top
+    # standardised: a mean and a variance per dense feature more, not trained
+    assert DLRM.parameter_count(config) == 26 * 1000 * 16 + bottom + top + 2 * 13
 
 
 def test_cat_interaction_and_self_interaction_models_count(config):

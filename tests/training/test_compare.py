@@ -58,6 +58,15 @@ def test_report_files_are_consistent(finished):
         assert f"| {run['model']} | adagrad | {run['seed']} | {run['best_epoch']} | {run['auc']:.4f} |" in markdown
     assert "Teacher AUC" in markdown and f"{data['teacher_auc']:.4f}" in markdown
     assert "python -m tfdlrm compare ..." in markdown
+    # every model saw the same inputs, and the report says which
+    assert data["like_for_like"] is True
+    assert [(i["model"], i["dense_norm"], i["vocabulary"]) for i in data["inputs"]] == [
+        ("dlrm", "standardize", "generated ids"), ("dcn", "standardize", "generated ids")]
+    assert "Every model saw the same inputs." in markdown
+    assert "| dlrm | generated, log-count scale | standardised (training split's mean and variance) |" in markdown
+    for run in data["runs"]:
+        saved = json.loads((out / "runs" / f"{run['model']}-adagrad-seed{run['seed']}" / "run.json").read_text())
+        assert saved["config"]["dense_norm"] == "standardize"
     assert (out / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for curve in data["curves"]:
         assert [p["step"] for p in curve["points"]] == [5, 10, 15, 16]  # 16 steps, every 5, plus the epoch end
@@ -98,6 +107,24 @@ def test_results_of_other_settings_are_refused(finished):
     out, _, _ = finished
     with pytest.raises(UserError, match="holds results of other settings .*lr"):
         compare(specs(models=("dlrm",), seeds=(1,), lr=0.2), out=str(out), log=lambda s: None)
+    with pytest.raises(UserError, match="holds results of other settings .*dense_norm: saved 'standardize', "
+                                        "asked 'none'"):
+        compare(specs(models=("dlrm",), seeds=(1,), overrides={"dense_norm": "none"}), out=str(out),
+                log=lambda s: None)
+
+
+def test_models_with_differently_treated_inputs_only_when_asked(tmp_path):
+    mixed = [TrainSpec(model="dlrm", seed=1, **{**BASE, "curve_points": 0, "overrides": {"dense_norm": "none"}}),
+             TrainSpec(model="dcn", seed=1, **{**BASE, "curve_points": 0})]
+    with pytest.raises(UserError, match="differently treated inputs .*dlrm none, dcn standardize.*--mixed-inputs"):
+        compare(mixed, out=str(tmp_path), log=lambda s: None)
+    assert not (tmp_path / REPORT_JSON).exists()
+    report = compare(mixed, out=str(tmp_path), log=lambda s: None, mixed_inputs=True)
+    data = json.loads((tmp_path / REPORT_JSON).read_text())
+    assert data["like_for_like"] is False and not report.like_for_like()
+    assert [(i["model"], i["dense_norm"]) for i in data["inputs"]] == [("dlrm", "none"), ("dcn", "standardize")]
+    assert "differently treated inputs" in (tmp_path / REPORT_MD).read_text()
+    assert "dlrm none; dcn standardize" in format_table(report)
 
 
 def test_a_diverging_run_is_reported_not_fatal(tmp_path):
@@ -123,6 +150,10 @@ def test_runs_must_share_data_and_budget():
     (["compare", "--train-examples", "10"], ["at least 1024"]),
     (["compare", "--optimizers", "sgd,adagrad", "--lr", "sgd=0.1"], ["no learning rate", "adagrad"]),
     (["compare", "--lr", "sgd=fast"], ["--lr"]),
+    (["compare", "--dense-norm", "minmax"], ["--dense-norm", "standardize, none"]),
+    (["compare", "--dense-norm", "dlrm=raw"], ["--dense-norm", "MODEL=VALUE"]),
+    (["compare", "--dense-norm", "dlrm=none"], ["differently treated inputs", "--mixed-inputs"]),
+    (["train", "--dense-norm", "dlrm=none"], ["for compare", "standardize or none"]),
 ])
 def test_compare_bad_input(args, fragments):
     assert_clean_error(run_cli(*args), *fragments)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from tfdlrm.errors import UserError
 from tfdlrm.presets import (
     AUTO,
+    DENSE_NORMS,
     LAST_BATCH,
     MIXED_PRECISIONS,
+    MODEL_NAMES,
     OPTIMIZER_NAMES,
     PARALLEL_MODES,
     PRESET_NAMES,
@@ -131,14 +133,46 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
     g.add_argument("--cross-layers", type=non_negative_int, help="DCN cross layers (default: 6)")
     g.add_argument("--deep-mlp", type=widths, help="DCN deep network widths (default: 512-256)")
     g.add_argument("--cross-low-rank", type=positive_int, help="DCN-v2 low-rank projection size")
+    g.add_argument("--dense-norm", type=dense_norm_arg, metavar="standardize|none",
+                   help="the dense features as every model's first layer sees them: standardize (default: "
+                        "by the training split's mean and variance) or none (as transformed, the reference's "
+                        "raw log counts); compare also takes MODEL=VALUE,... with --mixed-inputs")
 
 
 CONFIG_FLAGS = ("embedding_dim", "bottom_mlp", "top_mlp", "interaction", "self_interaction", "pooling",
-                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank")
+                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank", "dense_norm")
 
 
-def config_overrides(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+def dense_norm_arg(text: str):
+    """``standardize`` or ``none``, or per model ``dlrm=none,dcn=standardize`` (a dict)."""
+    if "=" not in text:
+        if text not in DENSE_NORMS:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(DENSE_NORMS)} or MODEL=VALUE,..., "
+                                             f"got {text!r}")
+        return text
+    out = {}
+    for part in text.split(","):
+        model, _, value = part.strip().partition("=")
+        if model not in MODEL_NAMES or value not in DENSE_NORMS or model in out:
+            raise argparse.ArgumentTypeError(
+                f"expected MODEL=VALUE,... with MODEL one of {', '.join(MODEL_NAMES)} (each once) and VALUE one "
+                f"of {', '.join(DENSE_NORMS)}, got {part.strip()!r}")
+        out[model] = value
+    return out
+
+
+def config_overrides(args: argparse.Namespace, model: Optional[str] = None) -> dict:
+    """The model flags given, for ``model`` where a flag names values per model (compare's
+    ``--dense-norm dlrm=none,...``; a model it leaves out keeps the default)."""
+    out = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+    if isinstance(out.get("dense_norm"), dict):
+        if model is None or getattr(args, "mixed_inputs", None) is None:  # a command other than compare
+            raise UserError("--dense-norm MODEL=VALUE,... is for compare (with --mixed-inputs); "
+                            "give standardize or none")
+        per_model = out.pop("dense_norm")
+        if model in per_model:
+            out["dense_norm"] = per_model[model]
+    return out
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

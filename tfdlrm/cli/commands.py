@@ -18,7 +18,7 @@ def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: s
     return TrainSpec(
         model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
         val_data=args.val_data, val_fraction=args.val_fraction, shuffle=args.shuffle, last_batch=args.last_batch,
-        overrides=config_overrides(args), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        overrides=config_overrides(args, model), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
         lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
@@ -76,7 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "python -m tfdlrm " + " ".join(shlex.quote(a) for a in reproduce)
     if args.export is not None and args.out is None:
         raise UserError("--export needs --out: the runs it exports are kept there")
-    report = compare(specs, out=args.out, retrain=args.retrain, command=command)
+    report = compare(specs, out=args.out, retrain=args.retrain, command=command, mixed_inputs=args.mixed_inputs)
     print()
     print(format_table(report))
     if args.export is not None:

@@ -302,6 +302,9 @@ def build_parser() -> Parser:
                         "(default BASE: saved_models)")
     p.add_argument("--curve-points", type=non_negative_int, default=20,
                    help="points on each learning curve, each an exact held-out evaluation (default: 20; 0 = none)")
+    p.add_argument("--mixed-inputs", action="store_true",
+                   help="let the models of this comparison see differently treated inputs (--dense-norm "
+                        "dlrm=none,dcn=standardize); refused without it, so that a comparison is like for like")
     p.add_argument("--curve-examples", type=non_negative_int, default=8192, metavar="N",
                    help="validation rows each curve point evaluates, the same first N at every point (default: "
                         "8192; 0 = the whole split); the epoch ends evaluate every row")

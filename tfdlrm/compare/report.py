@@ -47,6 +47,19 @@ class Comparison:
     def differences(self) -> list[Difference]:
         return differences(self.specs, self.results)
 
+    def inputs(self) -> list[dict]:
+        """Per model, what it saw (``RunResult.inputs``, from its first run that recorded them)."""
+        out: dict[str, dict] = {}
+        for spec, result in zip(self.specs, self.results):
+            if spec.model not in out or not out[spec.model]:
+                out[spec.model] = dict(result.inputs)
+        return [{"model": model, **seen} for model, seen in out.items()]
+
+    def like_for_like(self) -> bool:
+        """Whether every model saw the same inputs (dense transform, normalisation, vocabulary)."""
+        seen = {tuple(sorted((k, v) for k, v in row.items() if k != "model")) for row in self.inputs()}
+        return len(seen) == 1
+
 
 def run_row(spec: TrainSpec, result: RunResult) -> dict:
     """One run's line: test metrics at its best epoch on validation (``selected``), which is
@@ -101,6 +114,8 @@ def write_report(report: Comparison, out: Path) -> None:
         "summary": report.summary(),
         "selection": report.selection(),
         "differences": [d.to_dict() for d in report.differences()],
+        "inputs": report.inputs(),
+        "like_for_like": report.like_for_like(),
         "curves": [{"model": s.model, "optimizer": s.optimizer, "seed": s.seed, "points": r.curve,
                     "eval_split": "val" if any("val" in e for e in r.epochs) else "test"}
                    for s, r in zip(report.specs, report.results)],
@@ -149,12 +164,21 @@ def format_table(report: Comparison) -> str:
                      f"{_num(e['eval_seconds_mean'], 1):>7}"
                      + (f"  diverged: seed {','.join(map(str, e['diverged_seeds']))}" if e["diverged_seeds"] else ""))
     lines.append(evaluation_share(report))
+    lines.append(inputs_line(report) + " Dense features: " + "; ".join(
+        f"{row['model']} {row.get('dense_norm', 'not recorded')}" for row in report.inputs()) + " (--dense-norm)")
     if report.teacher_auc is not None:
         lines.append(f"teacher AUC (the ceiling on this synthetic data): {report.teacher_auc:.4f}")
     for d in report.differences():
         lines.append(f"AUC {d.a} - {d.b} ({d.optimizer}): {_signed(d.difference)} (95% CI {_signed(d.low)} .. {_signed(d.high)}, "
                      f"{d.method}): {d.verdict()}")
     return "\n".join(lines)
+
+
+def inputs_line(report: Comparison) -> str:
+    if report.like_for_like():
+        return "Every model saw the same inputs."
+    return ("**The models saw differently treated inputs** (`--mixed-inputs`, or runs that did not record "
+            "them): their differences are not only their architectures'.")
 
 
 def evaluation_share(report: Comparison) -> str:
@@ -192,6 +216,11 @@ def format_markdown(report: Comparison) -> str:
             f"{_range(e, 'auc', 4)} | {_num(e['examples_per_second_mean'])} | "
             f"{_num(e['train_seconds_mean'], 1)} | {_num(e['eval_seconds_mean'], 1)} |")
     lines += ["", evaluation_share(report) + " (not in train s)."]
+    lines += ["", "## Inputs", "", inputs_line(report), "",
+              "| model | dense features | then, in the model (`--dense-norm`) | categorical ids |", "|---|---|---|---|"]
+    for row in report.inputs():
+        lines.append(f"| {row['model']} | {row.get('dense_transform', 'not recorded')} | "
+                     f"{row.get('dense_norm_text', 'not recorded')} | {row.get('vocabulary', 'not recorded')} |")
     diverged = [(e["model"], e["optimizer"], s) for e in report.summary() for s in e["diverged_seeds"]]
     if diverged:
         lines += ["", "Diverged (loss became NaN; left out of the means): "

@@ -23,24 +23,39 @@ from tfdlrm.compare.report import (
 )
 from tfdlrm.errors import TrainingDiverged, UserError, io_error_text
 from tfdlrm.metrics import Evaluation
+from tfdlrm.presets import ModelConfig
 from tfdlrm.training.loop import train
 from tfdlrm.training.rundir import METRICS_FILE, RUN_FILE, hold_out_dir, write_json
-from tfdlrm.training.spec import RunResult, TrainSpec, result_from_dict
+from tfdlrm.training.spec import RunResult, TrainSpec, model_config_for, result_from_dict
 
 
-def check_comparable(specs: Sequence[TrainSpec]) -> None:
-    """Every spec must share data, split, batch size, budget and preset."""
+def check_comparable(specs: Sequence[TrainSpec], mixed_inputs: bool = False) -> None:
+    """Every spec must share data, split, batch size, budget and preset, and every model its
+    inputs' treatment (``dense_norm``) unless ``mixed_inputs``."""
     if not specs:
         raise UserError("nothing to compare: no models given")
+    norms = {spec.model: model_config_for(spec).dense_norm for spec in specs}
+    if len(set(norms.values())) > 1 and not mixed_inputs:
+        raise UserError("the models would see differently treated inputs (dense features: "
+                        + ", ".join(f"{m} {v}" for m, v in norms.items())
+                        + "): give one --dense-norm, or pass --mixed-inputs to compare them anyway")
     first = specs[0].to_dict()
     for spec in specs[1:]:
         other = spec.to_dict()
         for key, value in first.items():
-            if key not in PER_RUN and other[key] != value:
-                raise UserError(f"runs of one comparison must share {key}: {value!r} != {other[key]!r}")
+            if key == "overrides":  # the inputs' treatment is checked above
+                value, other_value = _without_norm(value), _without_norm(other[key])
+            else:
+                other_value = other[key]
+            if key not in PER_RUN and other_value != value:
+                raise UserError(f"runs of one comparison must share {key}: {value!r} != {other_value!r}")
     keys = [(s.model, s.optimizer, s.seed) for s in specs]
     if len(set(keys)) != len(keys):
         raise UserError("the same model, optimizer and seed appear twice in the comparison")
+
+
+def _without_norm(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if k != "dense_norm"}
 
 
 def run_dir_name(spec: TrainSpec) -> str:
@@ -58,6 +73,8 @@ def _same_settings(saved: dict, spec: TrainSpec) -> list[str]:
     theirs = {**TrainSpec().to_dict(), **saved}
     theirs = {k: v for k, v in theirs.items() if k not in NOT_RESULTS}
     mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
+    for settings in (mine, theirs):  # compared as resolved, by load_finished
+        settings["overrides"] = _without_norm(settings.get("overrides") or {})
     return [f"{k}: saved {theirs.get(k)!r}, asked {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
 
 
@@ -67,11 +84,16 @@ def load_finished(run_dir: Path, spec: TrainSpec) -> Optional[RunResult]:
     if not metrics_path.is_file() or not run_path.is_file():
         return None
     try:
-        saved_spec = json.loads(run_path.read_text())["spec"]
+        saved_run = json.loads(run_path.read_text())
+        saved_spec = saved_run["spec"]
         data = json.loads(metrics_path.read_text())
-    except (ValueError, KeyError) as e:
+        saved_norm = ModelConfig.from_dict(saved_run["config"], saved_run.get("model")).dense_norm
+    except (ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{run_dir} holds unreadable results ({e}); remove it or pass --retrain") from None
     differences = _same_settings(saved_spec, spec)
+    asked_norm = model_config_for(spec).dense_norm  # a run from before the flag existed: as it ran
+    if saved_norm != asked_norm:
+        differences.insert(0, f"dense_norm: saved {saved_norm!r}, asked {asked_norm!r}")
     if differences:
         raise UserError(f"{run_dir} holds results of other settings ({'; '.join(differences[:3])}); "
                         f"use another --out or pass --retrain")
@@ -91,10 +113,12 @@ def diverged_result(spec: TrainSpec, error: TrainingDiverged) -> RunResult:
 
 
 def compare(specs: Sequence[TrainSpec], out: Optional[str] = None, retrain: bool = False,
-            command: Optional[str] = None, log: Callable[[str], None] = print) -> Comparison:
-    """Train every spec in turn (or reuse its finished run under ``out``) and write the report."""
+            command: Optional[str] = None, log: Callable[[str], None] = print,
+            mixed_inputs: bool = False) -> Comparison:
+    """Train every spec in turn (or reuse its finished run under ``out``) and write the report.
+    The models must see equally treated inputs (one ``dense_norm``) unless ``mixed_inputs``."""
     specs = list(specs)
-    check_comparable(specs)
+    check_comparable(specs, mixed_inputs)
     with ExitStack() as held:
         if out is not None:
             hold_out_dir(out, held, hint="wait for that comparison to finish, or use another --out")

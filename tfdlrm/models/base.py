@@ -10,12 +10,19 @@ from typing import Optional
 import tensorflow as tf
 
 from tfdlrm.layers.embedding import EmbeddingTables
+from tfdlrm.layers.standardize import Standardize
 from tfdlrm.models.batch import check_features, dummy_batch, feature_inputs
 from tfdlrm.presets import ModelConfig
 
 
 def make_sparse_arch(config: ModelConfig) -> EmbeddingTables:
     return EmbeddingTables(config.table_rows, config.embedding_dim, pooling=config.pooling, name="sparse_arch")
+
+
+def make_dense_norm(config: ModelConfig) -> Optional[Standardize]:
+    """The dense features' standardisation (statistics set from the training split by
+    ``training.compile.standardize_dense``), or None where ``config.dense_norm`` is ``none``."""
+    return Standardize(name="dense_norm") if config.dense_norm == "standardize" else None
 
 
 def compute_policy(mixed_precision: Optional[str]) -> str:

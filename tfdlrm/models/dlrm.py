@@ -1,6 +1,6 @@
 """The DLRM model, built from named parts as TorchRec's ``dlrm.py``.
 
-    dense  [batch, num_dense] --DenseArch (bottom MLP)--> [batch, dim] ----------+
+    dense  [batch, num_dense] --standardised (config.dense_norm)--DenseArch (bottom MLP)--> [batch, dim] --+
     sparse [batch, tables(, k)] --SparseArch (embeddings)--> [batch, tables, dim] -+
         --> InteractionArch --> [batch, interaction_width]
         --> OverArch (top MLP) --> logit [batch, 1] --> sigmoid --> probability
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tfdlrm.layers.interaction import make_interaction
 from tfdlrm.layers.mlp import MLP
-from tfdlrm.models.base import RecommenderModel, compute_policy, make_sparse_arch
+from tfdlrm.models.base import RecommenderModel, compute_policy, make_dense_norm, make_sparse_arch
 from tfdlrm.presets import ModelConfig
 from tfdlrm.sizes import dlrm_parameter_count
 
@@ -37,6 +37,7 @@ class DLRM(RecommenderModel):
         self.mixed_precision = mixed_precision
         policy = compute_policy(mixed_precision)
         self.sparse_arch = make_sparse_arch(config)
+        self.dense_norm = make_dense_norm(config)
         self.dense_arch = MLP(config.bottom_mlp[1:], final_activation="relu", name="dense_arch", dtype=policy)
         self.interaction_arch = make_interaction(
             config.interaction, self_interaction=config.self_interaction, name="interaction_arch", dtype=policy
@@ -46,7 +47,7 @@ class DLRM(RecommenderModel):
                              float32_last=True)
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
-        bottom = self.dense_arch(dense)  # [batch, dim]
+        bottom = self.dense_arch(self.dense_norm(dense) if self.dense_norm is not None else dense)  # [batch, dim]
         if self.config.interaction == "dot":
             interacted = self.interaction_arch(bottom, embedded, pick=self._triangle_pick(compiled_parts))
         else:
@@ -67,7 +68,7 @@ class DLRM(RecommenderModel):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return cls(ModelConfig.from_dict(config["config"]), name=config.get("name", "dlrm"),
+        return cls(ModelConfig.from_dict(config["config"], "dlrm"), name=config.get("name", "dlrm"),
                    mixed_precision=config.get("mixed_precision"))
 
     @staticmethod

@@ -5,7 +5,6 @@ import math
 import warnings
 from typing import Optional, Union
 
-import numpy as np
 import tensorflow as tf
 
 from tfdlrm.errors import UserError
@@ -168,25 +167,3 @@ def compile_model(model: tf.keras.Model, optimizer: OptimizerArg = "sgd", lr: Op
 
     use_fast_step(model, step)
     return model
-
-
-def standardize_dense(model: tf.keras.Model, dataset: tf.data.Dataset, max_rows: int = 1_000_000) -> Optional[tuple]:
-    """Set a model's dense-feature standardisation (DCN's ``dense_norm``) to the mean and
-    variance of ``dataset``'s dense features (its first ``max_rows`` rows); returns them, or
-    None for a model without one (DLRM: its bottom MLP takes the raw log counts, as the
-    reference's does)."""
-    layer = getattr(model, "dense_norm", None)
-    if layer is None:
-        return None
-    total, total_sq, rows = 0.0, 0.0, 0
-    for features, _ in dataset:
-        dense = np.asarray(features["dense"], np.float64)
-        total, total_sq, rows = total + dense.sum(0), total_sq + (dense * dense).sum(0), rows + len(dense)
-        if rows >= max_rows:
-            break
-    if rows == 0:
-        raise UserError("the training split is empty: no statistics for the dense features")
-    mean = total / rows
-    variance = np.maximum(total_sq / rows - mean * mean, 0.0)
-    layer.set_statistics(mean, variance)
-    return mean, variance

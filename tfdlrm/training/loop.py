@@ -24,7 +24,7 @@ from tfdlrm.training.callbacks import (
     TrainingClock,
 )
 from tfdlrm.training.checkpoints import build_metrics, first_line
-from tfdlrm.training.compile import build_model, compile_model, standardize_dense
+from tfdlrm.training.compile import build_model, compile_model
 from tfdlrm.training.early_stop import (
     EarlyStop,
     check_early_stop,
@@ -32,6 +32,7 @@ from tfdlrm.training.early_stop import (
     stopped_after,
 )
 from tfdlrm.training.evaluate import curve_sample, evaluate, in_memory_if_small
+from tfdlrm.training.inputs import describe_inputs, standardize_dense
 from tfdlrm.training.preemption import StopOnSignal, stop_signals
 from tfdlrm.training.progress import progress_for
 from tfdlrm.training.reporting import TensorBoardLog, hparams_of
@@ -149,8 +150,11 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
                     + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
     record = resume(model, status, log) if status is not None else None
-    if record is None and standardize_dense(model, source.train_dataset(spec.eval_batch_size)) is not None:
-        log(f"{spec.model}: dense features standardised by the training split's mean and variance")
+    inputs = describe_inputs(config, source.describe())
+    if record is None:
+        standardize_dense(model, source.train_dataset(spec.eval_batch_size))
+    log(f"{spec.model} inputs: dense {inputs['dense_transform']}, then {inputs['dense_norm_text']} (--dense-norm); "
+        f"ids: {inputs['vocabulary']}")
     start_epoch, start_batch = (record["epoch"], record["batch"]) if record else (0, 0)
     start = start_epoch * steps_per_epoch + start_batch
     saved_state = record.get("state", {}) if record else {}
@@ -272,6 +276,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         curve=curve.points if curve else [],
         resumed_from=resumed_from,
         epochs=epoch_eval.epochs,
+        inputs=inputs,
         best_epoch=epoch_eval.best_epoch,
         stopped_epoch=stopped_after(epoch_eval, spec.early_stop, spec.epochs),
         eval_seconds=round((curve.seconds + curve.setup_seconds if curve else 0.0) + epoch_eval.seconds, 3),

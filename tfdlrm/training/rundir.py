@@ -128,8 +128,8 @@ def load_run(run_dir: str, mixed_precision: Optional[str] = "run",
         raise UserError(f"{run_dir} is not a training run: {RUN_FILE} not found")
     try:
         meta = json.loads(meta_path.read_text())
-        config = ModelConfig.from_dict(meta["config"])
         name = meta["model"]
+        config = ModelConfig.from_dict(meta["config"], name)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is unreadable: {e}") from None
     if mixed_precision == "run":
@@ -170,11 +170,11 @@ def settings_differences(saved: dict, asked: dict, spec_defaults: Optional[dict]
     if saved.get("model") != asked.get("model"):
         out.append(f"model: {saved.get('model')} != {asked.get('model')}")
     try:
-        saved_config = ModelConfig.from_dict(saved["config"])
+        saved_config = ModelConfig.from_dict(saved["config"], saved.get("model"))
     except (KeyError, TypeError, UserError) as e:
         out.append(f"config: unreadable ({e})")
     else:
-        out += saved_config.differences(ModelConfig.from_dict(asked["config"]))
+        out += saved_config.differences(ModelConfig.from_dict(asked["config"], asked.get("model")))
     for key in RESOLVED:  # runs from before a setting existed ran with it off
         if key in asked and saved.get(key, "off") != asked[key]:
             out.append(f"{key}: {saved.get(key, 'off')} != {asked[key]}")

@@ -185,6 +185,8 @@ class RunResult:
     # ends; the curve points' part
     eval_seconds: float = 0.0
     curve_seconds: float = 0.0
+    # what the model saw (training/inputs.py, describe_inputs); {} for runs from before it was recorded
+    inputs: dict = field(default_factory=dict)
 
     @property
     def selected(self) -> Optional[dict]:
