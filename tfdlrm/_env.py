@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 KERAS_MISMATCH = (
     "tfdlrm needs Keras 2 (tf_keras), but TensorFlow was already imported with "
@@ -36,14 +37,54 @@ def _tensorflow_uses_keras3(tf_module) -> bool:
     return not getattr(keras, "__name__", "tf_keras").startswith("tf_keras")
 
 
+# TFDLRM_TF_LOGS=1: TensorFlow's own log lines as TensorFlow prints them (hidden otherwise)
+TF_LOGS = "TFDLRM_TF_LOGS"
+
+
+def tf_logs_wanted() -> bool:
+    return os.environ.get(TF_LOGS, "") not in ("", "0")
+
+
 def configure() -> None:
     """Set the environment for tf_keras, or fail if it is too late to do so."""
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     # TensorFlow's C++ INFO/WARNING lines drown the progress bars; errors still show.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not tf_logs_wanted():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf_module = sys.modules.get("tensorflow")
     if tf_module is not None and _tensorflow_uses_keras3(tf_module):
         raise ImportError(KERAS_MISMATCH)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up chatter (oneDNN, CUDA probes) hidden.
+
+    Those lines are written to file descriptor 2 by C++ before logging is set up,
+    so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; they are replayed if the import
+    fails.  With ``TFDLRM_TF_LOGS=1`` TensorFlow is imported as it is, every line shown.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    if tf_logs_wanted():
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # -- tfdlrm.pipelines and tfdlrm.baselines in a checkout ----------------------------------------------------------

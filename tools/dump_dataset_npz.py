@@ -6,6 +6,9 @@ Usage (from the repository root): .venv/bin/python -m tools.dump_dataset_npz DAT
 import argparse
 
 import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
+from tfdlrm._env import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # TensorFlow's start-up log hidden (TFDLRM_TF_LOGS=1 shows it)
 from tfdlrm.bench.reference import dump_rows
 from tfdlrm.pipelines.sources import open_data
 from tfdlrm.presets import get_preset

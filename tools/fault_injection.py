@@ -313,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.trials < 1 or args.rows < 1000:
         parser.error("--trials must be >= 1 and --rows >= 1000")
-    from tfdlrm.cli.main import import_tensorflow_quietly
+    from tfdlrm._env import import_tensorflow_quietly
 
     import_tensorflow_quietly()  # for checking checkpoints and exports, without its start-up chatter
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tfdlrm-faults-"))

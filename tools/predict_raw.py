@@ -1,7 +1,7 @@
 """One prediction from an exported SavedModel, as a TF Serving client would get it.
 
-Loads the newest version under BASE (``saved_models/dlrm``) with plain TensorFlow (no
-tfdlrm import), reads raw Criteo lines (label, 13 counts, 26 hex values, tab-separated)
+Loads the newest version under BASE (``saved_models/dlrm``) with plain TensorFlow (of tfdlrm
+only the import that hides TensorFlow's start-up log; ``TFDLRM_TF_LOGS=1`` shows it), reads raw Criteo lines (label, 13 counts, 26 hex values, tab-separated)
 from FILE and calls the raw ``serving_default`` signature on them.  ``make demo`` ends
 with it.
 
@@ -37,6 +37,9 @@ def main() -> int:
         dense.append([float(x) if x else math.nan for x in fields[1:14]])
         categorical.append(fields[14:40])
 
+    from tfdlrm._env import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     import tensorflow as tf  # TensorFlow only: what a serving host has
 
     path = newest_version(Path(args.base))

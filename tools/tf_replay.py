@@ -8,10 +8,13 @@ Usage (from the repository root): .venv/bin/python -m tools.tf_replay FILE.npz D
 """
 import argparse
 
+import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
+from tfdlrm._env import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # TensorFlow's start-up log hidden (TFDLRM_TF_LOGS=1 shows it)
 import numpy as np
 import tensorflow as tf
 
-import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
 from tfdlrm.metrics import exact_auc
 from tfdlrm.presets import get_preset
 from tfdlrm.training.compile import build_model, compile_model

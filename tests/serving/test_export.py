@@ -166,6 +166,23 @@ def test_exports_serve_in_a_tensorflow_only_process_as_the_model_predicts(export
     _assert_matches(outputs, "synthetic", exports["synthetic"]["expected"], ("serving_default", "ids"))
 
 
+def test_the_demos_predict_raw_prints_its_predictions_and_no_tensorflow_log(exports):
+    """make demo's last step: three probabilities on stdout, nothing on stderr (TensorFlow's start-up
+    lines, a cuInit error among them on a machine without a GPU, only with TFDLRM_TF_LOGS=1)."""
+    base = exports["dlrm"]["export"].path.parent
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL", "TFDLRM_TF_LOGS")}
+    command = [sys.executable, "-m", "tools.predict_raw", str(base), str(_split_dir() / "test.txt")]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert [line.count("click probability") for line in quiet.stdout.splitlines()] == [1, 1, 1]
+    assert quiet.stderr == ""
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env={**env, "TFDLRM_TF_LOGS": "1"})
+    assert shown.returncode == 0 and shown.stdout == quiet.stdout
+    assert "absl::InitializeLog" in shown.stderr or "oneDNN" in shown.stderr, shown.stderr
+
+
 @pytest.mark.slow
 def test_a_hybrid_four_device_run_with_split_tables_exports_a_one_device_graph(hybrid_export, tmp_path):
     result, outputs = _serve_in_fresh_process(tmp_path, {"hybrid": (hybrid_export["path"], None)})

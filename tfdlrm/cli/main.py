@@ -8,39 +8,12 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
+from tfdlrm._env import import_tensorflow_quietly
 from tfdlrm.cli.args import EXIT_BROKEN_PIPE, EXIT_USAGE
 from tfdlrm.cli.parser import build_parser
 from tfdlrm.errors import Stopped, UserError
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its native start-up chatter (oneDNN, CUDA probes) hidden.
-
-    Those lines are written to file descriptor 2 by C++ before logging is set up,
-    so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; they are replayed if the import
-    fails.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def tensorflow_error_message(error: BaseException) -> Optional[str]:
