@@ -164,7 +164,7 @@ def format_table(report: Comparison) -> str:
                      f"{_num(e['eval_seconds_mean'], 1):>7}"
                      + (f"  diverged: seed {','.join(map(str, e['diverged_seeds']))}" if e["diverged_seeds"] else ""))
     lines.append(evaluation_share(report))
-    lines.append(inputs_line(report) + " Dense features: " + "; ".join(
+    lines.append(inputs_line(report, markdown=False) + " Dense features: " + "; ".join(
         f"{row['model']} {row.get('dense_norm', 'not recorded')}" for row in report.inputs()) + " (--dense-norm)")
     if report.teacher_auc is not None:
         lines.append(f"teacher AUC (the ceiling on this synthetic data): {report.teacher_auc:.4f}")
@@ -174,11 +174,12 @@ def format_table(report: Comparison) -> str:
     return "\n".join(lines)
 
 
-def inputs_line(report: Comparison) -> str:
+def inputs_line(report: Comparison, markdown: bool = True) -> str:
     if report.like_for_like():
         return "Every model saw the same inputs."
-    return ("**The models saw differently treated inputs** (`--mixed-inputs`, or runs that did not record "
+    text = ("**The models saw differently treated inputs** (`--mixed-inputs`, or runs that did not record "
             "them): their differences are not only their architectures'.")
+    return text if markdown else text.replace("**", "").replace("`", "")
 
 
 def evaluation_share(report: Comparison) -> str:
