@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tfdlrm.bench.torch_reference import rank_auc  # numpy only: the same AUC as bench fit's reference runs
+
 DIM = 16
 
 
@@ -55,17 +57,6 @@ class DLRM(nn.Module):
         return self.top(torch.cat([x, z[:, self.li, self.lj]], dim=1))
 
 
-def auc(labels, scores):
-    order = np.argsort(scores, kind="mergesort")
-    ordered = scores[order]
-    cut = np.flatnonzero(np.diff(ordered)) + 1
-    starts, ends = np.r_[0, cut], np.r_[cut, len(scores)]
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
-    pos = labels.sum()
-    return (ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(labels) - pos))
-
-
 def load(path):
     """The .npz's training tensors, held-out tensors and held-out labels."""
     data = np.load(path)
@@ -98,7 +89,7 @@ def train(model, train_data, lr, batch_size, epochs, after_epoch=None):
 
 def held_out_auc(model, held_out, labels):
     with torch.no_grad():
-        return auc(labels, model(*held_out).numpy().ravel())
+        return rank_auc(labels, model(*held_out).numpy().ravel())
 
 
 def main():
