@@ -67,6 +67,16 @@ def test_config_round_trip():
     assert CatInteraction.from_config(CatInteraction(name="c").get_config()).name == "c"
 
 
+def output_and_gradients(layer, dense, emb, upstream, pick):
+    """The output's dtype, and the output with d(sum(upstream * output)) / d(dense, emb) as float32 numpy."""
+    with tf.GradientTape() as tape:
+        tape.watch([dense, emb])
+        out = layer(dense, emb, pick=pick)
+        loss = tf.reduce_sum(tf.cast(out * upstream, tf.float32))
+    grads = tape.gradient(loss, [dense, emb])
+    return out.dtype, [out.numpy().astype(np.float32)] + [g.numpy().astype(np.float32) for g in grads]
+
+
 @pytest.mark.parametrize("self_interaction", [False, True])
 def test_bf16_selection_matmul_equals_the_gather_forward_and_backward(self_interaction):
     """In bfloat16 the triangle is taken by a 0/1 matrix product (the default there): the same
@@ -76,14 +86,7 @@ def test_bf16_selection_matmul_equals_the_gather_forward_and_backward(self_inter
     emb = tf.constant(rng.normal(size=(64, 5, 8)), tf.float32)
     upstream = tf.constant(rng.normal(size=(64, 8 + (6 * 7 if self_interaction else 6 * 5) // 2)), tf.bfloat16)
     layer = DotInteraction(self_interaction=self_interaction, dtype="mixed_bfloat16")
-    results = {}
-    for pick in ("matmul", "gather"):
-        with tf.GradientTape() as tape:
-            tape.watch([dense, emb])
-            out = layer(dense, emb, pick=pick)
-            loss = tf.reduce_sum(tf.cast(out * upstream, tf.float32))
-        results[pick] = [out.numpy().astype(np.float32)] + [g.numpy().astype(np.float32)
-                                                           for g in tape.gradient(loss, [dense, emb])]
+    results = {pick: output_and_gradients(layer, dense, emb, upstream, pick)[1] for pick in ("matmul", "gather")}
     assert layer(dense, emb).dtype == tf.bfloat16
     np.testing.assert_array_equal(layer(dense, emb).numpy().astype(np.float32), results["gather"][0])  # default
     for a, b in zip(results["matmul"], results["gather"]):
@@ -110,13 +113,8 @@ def test_compiled_triangle_equals_the_gather_forward_and_backward(self_interacti
     layer = DotInteraction(self_interaction=self_interaction, dtype=dtype)
     results = {}
     for pick in ("compiled", "gather"):
-        with tf.GradientTape() as tape:
-            tape.watch([dense, emb])
-            out = layer(dense, emb, pick=pick)
-            loss = tf.reduce_sum(tf.cast(out * upstream, tf.float32))
-        assert out.dtype == compute
-        results[pick] = [out.numpy().astype(np.float32)] + [g.numpy().astype(np.float32)
-                                                           for g in tape.gradient(loss, [dense, emb])]
+        dtype_out, results[pick] = output_and_gradients(layer, dense, emb, upstream, pick)
+        assert dtype_out == compute
     np.testing.assert_array_equal(results["compiled"][0], results["gather"][0])
     tolerance = 2e-2 if compute == tf.bfloat16 else 1e-5
     for a, b in zip(results["compiled"][1:], results["gather"][1:]):
