@@ -37,7 +37,7 @@ class DCN(RecommenderModel):
         self.mixed_precision = mixed_precision
         self.sparse_arch = make_sparse_arch(config)
         # The dense features enter x0 standardised by the training split's statistics (set by
-        # training.compile.standardize_dense) unless config.dense_norm is "none": the cross layers
+        # training.inputs.standardize_dense) unless config.dense_norm is "none": the cross layers
         # multiply by x0, so SGD's stable step shrinks with |x0|^2, and Criteo's log counts (all
         # positive, up to ~14) put lr 0.1 past it.  See docs/accuracy.md.
         self.dense_norm = make_dense_norm(config)
@@ -53,8 +53,7 @@ class DCN(RecommenderModel):
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         flat = tf.reshape(tf.cast(embedded, tf.float32), [-1, self.config.num_tables * self.config.embedding_dim])
-        dense = self.dense_norm(dense) if self.dense_norm is not None else tf.cast(dense, tf.float32)
-        x0 = tf.concat([dense, flat], axis=1)  # [batch, D]
+        x0 = tf.concat([self.normalized_dense(dense), flat], axis=1)  # [batch, D]
         crossed = self.cross_net(x0, compiled=True) if compiled_parts and self.cross == "v1" else self.cross_net(x0)
         joined = tf.concat([crossed, tf.cast(self.deep_net(x0), tf.float32)], axis=1)
         return self.logit_layer(joined)  # [batch, 1]

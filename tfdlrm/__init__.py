@@ -35,6 +35,7 @@ _LAZY = {
     "CatInteraction": "tfdlrm.layers",
     "build_model": "tfdlrm.training",
     "compile_model": "tfdlrm.training",
+    "standardize_dense": "tfdlrm.training",
     "make_optimizer": "tfdlrm.training",
     "evaluate": "tfdlrm.training",
     "train": "tfdlrm.training",

@@ -7,7 +7,7 @@ normal(0, sqrt(2/(fan_in+fan_out))), biases normal(0, sqrt(1/fan_out)); bottom M
 bottom output; top MLP 367-512-256-1 with a sigmoid on the last layer; BCELoss(mean);
 torch.optim.SGD over all parameters; shuffled mini-batches each epoch.
 
-Usage: python torch_reference_dlrm.py FILE.npz [--seeds 1,2,3] [--lr 0.1] [--batch-size 128] [--epochs 3] [--per-epoch]
+Usage (from the repository root): TORCH_PYTHON -m tools.torch_reference_dlrm FILE.npz [--seeds 1,2,3] [--lr 0.1] [--batch-size 128] [--epochs 3] [--per-epoch]
 """
 import argparse
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tfdlrm.bench.torch_reference import rank_auc  # numpy only: the same AUC as bench fit's reference runs
+from tfdlrm.metrics import exact_auc  # numpy only (run from the repository root: python -m tools....)
 
 DIM = 16
 
@@ -89,7 +89,7 @@ def train(model, train_data, lr, batch_size, epochs, after_epoch=None):
 
 def held_out_auc(model, held_out, labels):
     with torch.no_grad():
-        return rank_auc(labels, model(*held_out).numpy().ravel())
+        return exact_auc(labels, model(*held_out).numpy().ravel())
 
 
 def main():

@@ -348,3 +348,15 @@ def test_dump_rows_writes_the_rows_the_reader_yields(tmp_path):
     np.testing.assert_array_equal(data["te_sparse"], x["sparse"].numpy())
     np.testing.assert_array_equal(data["te_y"], y.numpy())
     np.testing.assert_array_equal(data["rows"], [300] * 26)
+
+
+def test_an_optimizer_that_clips_is_applied_by_tensorflow():
+    """The compiled row updates do not clip: an optimizer with clipnorm, clipvalue or global_clipnorm
+    takes TensorFlow's apply (which clips), not the compiled one."""
+    from tfdlrm.models.fast_step import sparse_update_kind
+
+    legacy = tf.keras.optimizers.legacy
+    assert sparse_update_kind(legacy.SGD(0.1)) == "sgd" and sparse_update_kind(legacy.Adagrad(0.1)) == "adagrad"
+    for clip in ({"clipnorm": 1.0}, {"clipvalue": 0.5}, {"global_clipnorm": 1.0}):
+        assert sparse_update_kind(legacy.SGD(0.1, **clip)) is None, clip
+        assert sparse_update_kind(legacy.Adagrad(0.1, **clip)) is None, clip

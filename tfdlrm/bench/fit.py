@@ -78,7 +78,12 @@ def bench_fit(batch_sizes: Sequence[int] = (128, 2048), repeats: int = 3, model:
     if reference is not None:
         if model != "dlrm":
             raise UserError("--reference trains the reference's DLRM_Net: use --model dlrm")
+        if synthetic and len({examples or default_examples(b) for b in batch_sizes}) > 1:
+            raise UserError("--reference with --data synthetic: give --train-examples, so that every batch "
+                            "size trains on the rows dumped for the reference")
         reference.check()
+        # the reference's inputs (its bottom MLP takes the raw log counts), unless --train-args says otherwise
+        extra = ["--dense-norm", "none", *extra]
     before = machine()
     work = make_work_dir("tfdlrm-bench-fit-", tmp_dir)
     runs: dict[int, list[dict]] = {b: [] for b in batch_sizes}
@@ -89,10 +94,7 @@ def bench_fit(batch_sizes: Sequence[int] = (128, 2048), repeats: int = 3, model:
             npz = str(work / "rows.npz")
             counts = _dump(data or "synthetic", preset, rows, examples or default_examples(min(batch_sizes)), npz)
             log(f"rows for the reference: {counts['train_rows']:,} train, {counts['held_out_rows']:,} held out "
-                f"({npz})")
-            if synthetic and len({examples or default_examples(b) for b in batch_sizes}) > 1:
-                raise UserError("--reference with --data synthetic: give --train-examples, so that every batch "
-                                "size trains on the rows dumped for the reference")
+                f"({npz}); tfdlrm's runs take them as the reference does (--dense-norm none)")
         for r in range(repeats):
             for b in batch_sizes:
                 args = ["--data", data or "synthetic", "--model", model, "--preset", preset, "--batch-size", str(b),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ class Reference:
         NumPy and the reference's own imports in that Python."""
         if not (Path(self.checkout) / SCRIPT).is_file():
             raise UserError(f"--reference {self.checkout}: no {SCRIPT} there (a checkout of facebookresearch/dlrm)")
-        if not os.access(self.python, os.X_OK) or Path(self.python).is_dir():
+        python = shutil.which(self.python) or self.python  # a name on the PATH, as subprocess would find it
+        if not os.access(python, os.X_OK) or Path(python).is_dir():
             raise UserError(f"--torch-python {self.python}: not an executable Python")
         probe = ("import contextlib, io, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[:1]\n"
                  "with contextlib.redirect_stdout(io.StringIO()): import dlrm_s_pytorch\n"
@@ -119,10 +121,10 @@ def dump_rows(source, path: str, batch_size: int = 4096) -> dict:
             labels.append(y.numpy())
         return np.concatenate(dense), np.concatenate(sparse), np.concatenate(labels)
 
+    if source.config.ids_per_lookup != 1:
+        raise UserError("the reference runs here take one id per categorical feature (no bags)")
     train = collect(source.train_dataset(batch_size))  # no seed: the stored order
     held_out = collect(source.eval_dataset(batch_size))
-    if train[1].ndim != 2:
-        raise UserError("the reference runs here take one id per categorical feature (no bags)")
     np.savez(path, tr_dense=train[0], tr_sparse=train[1], tr_y=train[2], te_dense=held_out[0],
              te_sparse=held_out[1], te_y=held_out[2], rows=np.array(source.config.table_rows))
     return {"train_rows": int(len(train[2])), "held_out_rows": int(len(held_out[2])),

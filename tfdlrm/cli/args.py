@@ -24,7 +24,12 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
+    """argparse with one-line errors, and no abbreviated flags (``--ref`` for ``--reference``): the
+    benchmarks rebuild their children's command lines by removing whole flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -162,11 +167,11 @@ def dense_norm_arg(text: str):
 
 
 def config_overrides(args: argparse.Namespace, model: Optional[str] = None) -> dict:
-    """The model flags given, for ``model`` where a flag names values per model (compare's
-    ``--dense-norm dlrm=none,...``; a model it leaves out keeps the default)."""
+    """The model flags given; ``model``: compare's run of that model, where ``--dense-norm`` may name
+    values per model (``dlrm=none,...``; a model it leaves out keeps the default)."""
     out = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
     if isinstance(out.get("dense_norm"), dict):
-        if model is None or getattr(args, "mixed_inputs", None) is None:  # a command other than compare
+        if model is None:
             raise UserError("--dense-norm MODEL=VALUE,... is for compare (with --mixed-inputs); "
                             "give standardize or none")
         per_model = out.pop("dense_norm")

@@ -11,14 +11,16 @@ from tfdlrm.errors import UserError
 from tfdlrm.presets import PRESET_NAMES
 
 
-def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str], **extra):
+def spec_from_args(args: argparse.Namespace, model: str, seed: int, optimizer: str, out: Optional[str],
+                   per_model: bool = False, **extra):
+    """A TrainSpec from the command line; ``per_model``: compare's, where flags may name values per model."""
     from tfdlrm.compare import lr_for
     from tfdlrm.training.spec import TrainSpec
 
     return TrainSpec(
         model=model, preset=args.preset, data=args.data, eval_data=args.eval_data, rows=args.rows,
         val_data=args.val_data, val_fraction=args.val_fraction, shuffle=args.shuffle, last_batch=args.last_batch,
-        overrides=config_overrides(args, model), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        overrides=config_overrides(args, model if per_model else None), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer=optimizer,
         lr=lr_for(optimizer, args.lr),
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, seed=seed,
@@ -67,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tfdlrm.compare import compare, format_table
 
-    specs = [spec_from_args(args, model, seed, optimizer, None, curve_points=args.curve_points,
+    specs = [spec_from_args(args, model, seed, optimizer, None, per_model=True, curve_points=args.curve_points,
                             curve_examples=args.curve_examples)
              for optimizer in args.optimizers for model in args.models for seed in args.seeds]
     # The command that reproduces the report: --retrain/--restart only say how this run treated
@@ -279,8 +281,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         from tfdlrm.bench.train import bench_train_pairs, format_pairs
         from tfdlrm.presets import get_preset
 
-        if args.model != "dlrm" or args.profile:
-            raise UserError("--reference runs the reference's DLRM: use --model dlrm, without --profile")
+        if args.model != "dlrm" or args.profile or args.optimizer != "sgd" or args.data != "memory":
+            raise UserError("--reference runs the reference's DLRM with SGD on random rows: use --model dlrm, "
+                            "--optimizer sgd, --data memory, without --profile")
         config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
         result = bench_train_pairs(strip_flags(args.argv[2:], ("--reference", "--torch-python", "--pairs", "--json")),
                                    reference, config, args.batch_size or 2048, args.pairs, args.lr, log=log)

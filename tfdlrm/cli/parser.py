@@ -237,7 +237,8 @@ def add_bench_parser(sub):
                    help="a converted dataset (convert --out DIR), or synthetic: rows generated while training "
                         "(default)")
     b.add_argument("--reference", metavar="DIR",
-                   help="a checkout of facebookresearch/dlrm: run its DLRM_Net on the same rows after each run")
+                   help="a checkout of facebookresearch/dlrm: run its DLRM_Net on the same rows after each run "
+                        "(tfdlrm's runs then take its inputs: --dense-norm none, unless --train-args says otherwise)")
     b.add_argument("--torch-python", metavar="PY",
                    help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
     b.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate, both sides (default: 0.1)")

@@ -56,9 +56,12 @@ class Comparison:
         return [{"model": model, **seen} for model, seen in out.items()]
 
     def like_for_like(self) -> bool:
-        """Whether every model saw the same inputs (dense transform, normalisation, vocabulary)."""
-        seen = {tuple(sorted((k, v) for k, v in row.items() if k != "model")) for row in self.inputs()}
-        return len(seen) == 1
+        """Whether every model saw the same inputs (dense transform, normalisation, vocabulary), among
+        the models whose runs recorded them (a diverged run records none; compare checks the
+        normalisation of every run before it trains or reuses one)."""
+        seen = {tuple(sorted((k, v) for k, v in row.items() if k != "model")) for row in self.inputs()
+                if len(row) > 1}
+        return len(seen) <= 1
 
 
 def run_row(spec: TrainSpec, result: RunResult) -> dict:
@@ -177,8 +180,8 @@ def format_table(report: Comparison) -> str:
 def inputs_line(report: Comparison, markdown: bool = True) -> str:
     if report.like_for_like():
         return "Every model saw the same inputs."
-    text = ("**The models saw differently treated inputs** (`--mixed-inputs`, or runs that did not record "
-            "them): their differences are not only their architectures'.")
+    text = ("**The models saw differently treated inputs** (`--mixed-inputs`): their differences are not "
+            "only their architectures'.")
     return text if markdown else text.replace("**", "").replace("`", "")
 
 

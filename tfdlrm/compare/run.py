@@ -63,7 +63,8 @@ def run_dir_name(spec: TrainSpec) -> str:
 
 
 # Spec fields that do not change a finished run's results.
-NOT_RESULTS = ("out", "verbose", "log_every", "checkpoint_every", "keep", "deterministic", "restart", "xla")
+NOT_RESULTS = ("out", "verbose", "log_every", "checkpoint_every", "keep", "deterministic", "restart", "xla",
+               "threads")
 
 
 def _same_settings(saved: dict, spec: TrainSpec) -> list[str]:
@@ -93,7 +94,8 @@ def load_finished(run_dir: Path, spec: TrainSpec) -> Optional[RunResult]:
     differences = _same_settings(saved_spec, spec)
     asked_norm = model_config_for(spec).dense_norm  # a run from before the flag existed: as it ran
     if saved_norm != asked_norm:
-        differences.insert(0, f"dense_norm: saved {saved_norm!r}, asked {asked_norm!r}")
+        differences.insert(0, f"dense_norm: saved {saved_norm!r}, asked {asked_norm!r} (--dense-norm {saved_norm} "
+                              f"reuses it)")
     if differences:
         raise UserError(f"{run_dir} holds results of other settings ({'; '.join(differences[:3])}); "
                         f"use another --out or pass --retrain")

@@ -21,7 +21,7 @@ def make_sparse_arch(config: ModelConfig) -> EmbeddingTables:
 
 def make_dense_norm(config: ModelConfig) -> Optional[Standardize]:
     """The dense features' standardisation (statistics set from the training split by
-    ``training.compile.standardize_dense``), or None where ``config.dense_norm`` is ``none``."""
+    ``training.inputs.standardize_dense``), or None where ``config.dense_norm`` is ``none``."""
     return Standardize(name="dense_norm") if config.dense_norm == "standardize" else None
 
 
@@ -61,6 +61,11 @@ class RecommenderModel(tf.keras.Model):
         """Every other trainable variable: MLPs, interaction, cross network, logit layer."""
         tables = {v.ref() for v in self.embedding_variables}
         return [v for v in self.trainable_variables if v.ref() not in tables]
+
+    def normalized_dense(self, dense):
+        """The dense features as the first layer sees them (float32): standardised by ``dense_norm``
+        (``make_dense_norm``), or as given where ``config.dense_norm`` is ``none``."""
+        return self.dense_norm(dense) if self.dense_norm is not None else tf.cast(dense, tf.float32)
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
         """``dense [batch, num_dense]`` and ``embedded [batch, tables, dim]`` -> logit ``[batch, 1]``.

@@ -47,7 +47,7 @@ class DLRM(RecommenderModel):
                              float32_last=True)
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
-        bottom = self.dense_arch(self.dense_norm(dense) if self.dense_norm is not None else dense)  # [batch, dim]
+        bottom = self.dense_arch(self.normalized_dense(dense))  # [batch, dim]
         if self.config.interaction == "dot":
             interacted = self.interaction_arch(bottom, embedded, pick=self._triangle_pick(compiled_parts))
         else:

@@ -56,22 +56,25 @@ def resolve_xla(value: Optional[str], parallel_mode: Optional[str] = None) -> st
     return value
 
 
-def use_fast_step(model, xla: str = "sparse", batch_size: Optional[int] = None) -> None:
-    """Make ``model.fit`` use the fast step (``xla`` sparse or full), or the stock one (off).
-    ``batch_size``: the batch the compiled parts are for, when other sizes come too
+def use_fast_step(model, xla: str = "sparse") -> None:
+    """Make ``model.fit`` use the fast step (``xla`` sparse or full), or the stock one (off).  ``train``
+    sets ``model.fast_step.batch_size`` when an epoch also has a batch of another size
     (:class:`FastTrainStep`)."""
     if xla not in XLA_MODES:
         raise UserError(f"unknown --xla mode {xla!r}; choose one of: {', '.join(XLA_MODES)}")
     if xla == "full" and getattr(model, "optimizer", None) is not None and sparse_update_kind(model.optimizer) is None:
-        raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and adagrad, "
-                        f"not {type(model.optimizer).__name__}; use --xla sparse")
-    model.fast_step = None if xla == "off" else FastTrainStep(xla, batch_size if xla == "sparse" else None)
+        raise UserError(f"--xla full compiles the optimizer too, which works for sgd (no momentum) and adagrad "
+                        f"without gradient clipping, not this {type(model.optimizer).__name__}; use --xla sparse")
+    model.fast_step = None if xla == "off" else FastTrainStep(xla)
     model.train_function = None  # Keras traces its train function again
 
 
 def sparse_update_kind(optimizer) -> Optional[str]:
-    """``sgd`` or ``adagrad`` when the fast step can apply ``optimizer`` inside XLA, else None."""
+    """``sgd`` or ``adagrad`` when the fast step can apply ``optimizer`` inside XLA, else None (also for
+    an optimizer that clips gradients: the compiled row updates do not clip, TensorFlow's apply does)."""
     legacy = tf.keras.optimizers.legacy
+    if any(getattr(optimizer, name, None) is not None for name in ("clipnorm", "clipvalue", "global_clipnorm")):
+        return None
     if type(optimizer) is legacy.SGD and not optimizer._momentum and not optimizer.nesterov:  # noqa: SLF001
         return "sgd"
     if type(optimizer) is legacy.Adagrad:
@@ -167,7 +170,7 @@ class FastTrainStep:
         uncompiled: XLA compiles anew for every shape (0.3-0.5 s a function), which an epoch's one
         short or folded last batch would pay inside the training time."""
         fn = self._function(model, name)
-        if self.batch_size is None or not self.compiled_functions or fn not in self.compiled_functions:
+        if self.batch_size is None or fn not in self.compiled_functions:
             return fn(*args)
         plain = self._function(model, name + ":plain")
         return tf.cond(tf.equal(batch, self.batch_size), lambda: fn(*args), lambda: plain(*args))

@@ -150,7 +150,7 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
                     + ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards))
 
     record = resume(model, status, log) if status is not None else None
-    inputs = describe_inputs(config, source.describe())
+    inputs = describe_inputs(config, run_info["data"])
     if record is None:
         standardize_dense(model, source.train_dataset(spec.eval_batch_size))
     log(f"{spec.model} inputs: dense {inputs['dense_transform']}, then {inputs['dense_norm_text']} (--dense-norm); "

@@ -174,7 +174,8 @@ def settings_differences(saved: dict, asked: dict, spec_defaults: Optional[dict]
     except (KeyError, TypeError, UserError) as e:
         out.append(f"config: unreadable ({e})")
     else:
-        out += saved_config.differences(ModelConfig.from_dict(asked["config"], asked.get("model")))
+        out += [line + (f" (--dense-norm {saved_config.dense_norm} continues it)" if line.startswith("dense_norm") else "")
+                for line in saved_config.differences(ModelConfig.from_dict(asked["config"], asked.get("model")))]
     for key in RESOLVED:  # runs from before a setting existed ran with it off
         if key in asked and saved.get(key, "off") != asked[key]:
             out.append(f"{key}: {saved.get(key, 'off')} != {asked[key]}")
