@@ -14,17 +14,15 @@ import time
 
 import numpy as np
 
-from tfdlrm.sizes import dot_output_width
+from tfdlrm.sizes import interaction_output_width
 
 
 def mlp_widths(config) -> tuple[list, list]:
     """The bottom MLP's widths (input first) and the top MLP's (its input, the interaction's
     width, first), as DLRM builds them."""
     bottom = [int(w) for w in config.bottom_mlp]
-    if config.interaction == "dot":
-        top_in = dot_output_width(config.embedding_dim, config.num_tables, config.self_interaction)
-    else:
-        top_in = bottom[-1] + config.num_tables * config.embedding_dim
+    top_in = interaction_output_width(config.interaction, bottom[-1], config.embedding_dim, config.num_tables,
+                                      config.self_interaction)
     return bottom, [top_in, *[int(w) for w in config.top_mlp]]
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from tfdlrm.bench.common import huge_pages, machine, peak_rss_bytes, step_clock
 from tfdlrm.bench.profile import _profile
@@ -251,6 +251,19 @@ SUITE = [
 ]
 
 
+def run_bench_train(args: Sequence[str]) -> subprocess.CompletedProcess:
+    """``python -m tfdlrm bench train ARGS --json`` in a fresh process, this checkout first on the path."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "tfdlrm", "bench", "train", *args, "--json"],
+                          capture_output=True, text=True, env=env)
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+
+
 def run_suite(extra: list[str], log: Callable[[str], None] = print, only: Optional[list[str]] = None) -> list:
     """Each configuration of :data:`SUITE` in a fresh ``python -m tfdlrm bench train --json``
     process; returns their results (a failed one as ``{"label", "error"}``)."""
@@ -258,14 +271,10 @@ def run_suite(extra: list[str], log: Callable[[str], None] = print, only: Option
     for label, args in SUITE:
         if only and not any(word.lower() in label.lower() for word in only):
             continue
-        command = [sys.executable, "-m", "tfdlrm", "bench", "train", *args, *extra, "--json"]
         log(f"== {label}: python -m tfdlrm bench train {' '.join(args + extra)}")
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        proc = run_bench_train([*args, *extra])
         if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            tail = last_line(proc)
             log(f"   failed: {tail}")
             results.append({"label": label, "args": args, "error": tail})
             continue
@@ -298,11 +307,9 @@ def bench_train_pairs(argv: list[str], reference, config, batch_size: int, pairs
     reference.check()
     ours, theirs = [], []
     for k in range(pairs):
-        command = [sys.executable, "-m", "tfdlrm", "bench", "train", *argv, "--json"]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        proc = run_bench_train(argv)
         if proc.returncode != 0:
-            raise UserError(f"bench train failed (exit {proc.returncode}): "
-                            f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+            raise UserError(f"bench train failed (exit {proc.returncode}): {last_line(proc)}")
         ours.append(json.loads(proc.stdout))
         theirs.append(reference.random_step(config, batch_size, lr=lr))
         if config.interaction == "dot":

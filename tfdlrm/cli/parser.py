@@ -35,6 +35,11 @@ from tfdlrm.cli.commands import (
 from tfdlrm.presets import MODEL_NAMES, OPTIMIZER_NAMES, PRESET_NAMES
 
 
+def add_torch_python(parser) -> None:
+    parser.add_argument("--torch-python", metavar="PY",
+                        help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
+
+
 def add_progress_flags(parser) -> None:
     """``--progress`` / ``--quiet``: the stderr progress line of generate and convert (default: on a terminal)."""
     progress = parser.add_mutually_exclusive_group()
@@ -99,8 +104,7 @@ def add_bench_train_parser(benches) -> None:
                    help="a checkout of facebookresearch/dlrm: --pairs times, this benchmark in a fresh process and "
                         "then the reference's own dlrm_s_pytorch.py --data-generation=random with the same tables, "
                         "MLPs and batch; medians and the ratio")
-    p.add_argument("--torch-python", metavar="PY",
-                   help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
+    add_torch_python(p)
     p.add_argument("--pairs", type=positive_int, default=3, help="--reference: runs of each side (default: 3)")
     p.add_argument("--tmp-dir", help="--data tfrecord: where the temporary directory goes (default: the system's)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
@@ -239,8 +243,7 @@ def add_bench_parser(sub):
     b.add_argument("--reference", metavar="DIR",
                    help="a checkout of facebookresearch/dlrm: run its DLRM_Net on the same rows after each run "
                         "(tfdlrm's runs then take its inputs: --dense-norm none, unless --train-args says otherwise)")
-    b.add_argument("--torch-python", metavar="PY",
-                   help="the Python (with torch, numpy, scikit-learn, tqdm, tensorboard) that runs --reference")
+    add_torch_python(b)
     b.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate, both sides (default: 0.1)")
     b.add_argument("--batch-sizes", type=int_list, default=[128, 2048], help="batch sizes (default: 128,2048)")
     b.add_argument("--repeats", type=positive_int, default=3, help="runs per batch size (default: 3)")
