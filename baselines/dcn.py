@@ -52,7 +52,7 @@ class DCN(RecommenderModel):
         self.logit_layer = tf.keras.layers.Dense(1, name="logit")
 
     def logits_from_embeddings(self, dense, embedded, training=None, compiled_parts=False):
-        flat = tf.reshape(tf.cast(embedded, tf.float32), [-1, self.config.num_tables * self.config.embedding_dim])
+        flat = tf.reshape(tf.cast(embedded, tf.float32), [-1, self.config.num_tables * self.config.vector_dim])
         x0 = tf.concat([self.normalized_dense(dense), flat], axis=1)  # [batch, D]
         crossed = self.cross_net(x0, compiled=True) if compiled_parts and self.cross == "v1" else self.cross_net(x0)
         joined = tf.concat([crossed, tf.cast(self.deep_net(x0), tf.float32)], axis=1)

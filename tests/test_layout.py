@@ -16,8 +16,8 @@ PACKAGES = ("tfdlrm", "pipelines", "baselines")
 
 # Lowest first: a module may import from its own layer or any layer before it.
 LAYERS = [
-    ("config", ("tfdlrm", "tfdlrm._env", "tfdlrm.errors", "tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.metrics",
-                "tfdlrm.stats")),
+    ("config", ("tfdlrm", "tfdlrm._env", "tfdlrm.errors", "tfdlrm.presets", "tfdlrm.tables", "tfdlrm.sizes",
+                "tfdlrm.metrics", "tfdlrm.stats")),
     ("layers", ("tfdlrm.layers",)),
     ("models", ("tfdlrm.models", "tfdlrm.baselines")),
     ("data", ("tfdlrm.pipelines",)),
@@ -137,7 +137,7 @@ def test_the_checks_find_a_loop_and_an_upward_edge():
     assert layer_of("tfdlrm.layers.mlp") < layer_of("tfdlrm.baselines.dcn")
 
 
-@pytest.mark.parametrize("module", ["tfdlrm.presets", "tfdlrm.sizes", "tfdlrm.parallel.devices",
+@pytest.mark.parametrize("module", ["tfdlrm.presets", "tfdlrm.tables", "tfdlrm.sizes", "tfdlrm.parallel.devices",
                                     "tfdlrm.parallel.plan", "tfdlrm.cli.parser"])
 def test_config_and_placement_import_no_tensorflow(module):
     code = f"import sys, {module}; sys.exit(1 if 'tensorflow' in sys.modules else 0)"

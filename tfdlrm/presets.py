@@ -36,6 +36,8 @@ LAST_BATCH = ("keep", "drop", "fold")  # an epoch's short last batch (pipelines/
 # mean and variance (the default, all models), or the data's values as they are (the reference's
 # raw log counts); runs saved before the choice existed ran DLRM on raw values.
 DENSE_NORMS = ("standardize", "none")
+# How a table's two parts make an id's vector under QR embeddings (tfdlrm/tables.py): the reference's names.
+QR_OPERATIONS = ("mult", "add", "concat")
 
 
 
@@ -73,6 +75,21 @@ class ModelConfig:
     cross_low_rank: Optional[int] = None
     # every model: the dense features standardised first (layers/standardize.py), or as they are
     dense_norm: str = "standardize"
+    # memory-saving tables (tfdlrm/tables.py), as the reference's --qr-* and --md-* flags: quotient-remainder
+    # tables for tables of more than qr_threshold rows (on when qr_collisions is set), mixed dimensions for
+    # tables of more than md_threshold rows (on when md_temperature is set); QR first where both apply
+    qr_collisions: Optional[int] = None
+    qr_operation: str = "mult"
+    qr_threshold: int = 200
+    md_temperature: Optional[float] = None
+    md_threshold: int = 200
+    md_round_dims: bool = False
+
+    @property
+    def vector_dim(self) -> int:
+        """The width of every feature's embedding vector: the embedding dim, or twice it where QR tables
+        concatenate their two parts (every table is then that wide, as the reference's check asks)."""
+        return 2 * self.embedding_dim if self.qr_collisions and self.qr_operation == "concat" else self.embedding_dim
 
     @property
     def num_dense(self) -> int:
@@ -114,11 +131,16 @@ class ModelConfig:
             problems.append(f"top_mlp must end in 1 (one logit), got {_dashed(self.top_mlp)}")
         if self.interaction not in INTERACTIONS:
             problems.append(f"interaction must be one of {', '.join(INTERACTIONS)}, got {self.interaction!r}")
-        elif self.interaction == "dot" and self.bottom_mlp and self.bottom_mlp[-1] != self.embedding_dim:
-            problems.append(
-                f"dot interaction needs the bottom MLP to end in the embedding dim {self.embedding_dim}, "
-                f"got {_dashed(self.bottom_mlp)}"
-            )
+        elif self.interaction == "dot" and self.bottom_mlp and self.bottom_mlp[-1] != self.vector_dim:
+            if self.vector_dim != self.embedding_dim:
+                problems.append(
+                    f"--qr-operation concat makes every embedding vector 2 x the embedding dim: the dot interaction "
+                    f"needs the bottom MLP to end in {self.vector_dim}, got {_dashed(self.bottom_mlp)}")
+            else:
+                problems.append(
+                    f"dot interaction needs the bottom MLP to end in the embedding dim {self.embedding_dim}, "
+                    f"got {_dashed(self.bottom_mlp)}"
+                )
         if self.pooling not in POOLINGS:
             problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not self.table_rows:
@@ -133,9 +155,23 @@ class ModelConfig:
             problems.append(f"cross_low_rank must be positive, got {self.cross_low_rank}")
         if self.dense_norm not in DENSE_NORMS:
             problems.append(f"dense_norm must be one of {', '.join(DENSE_NORMS)}, got {self.dense_norm!r}")
+        problems += self._table_problems()
         if problems:
             raise UserError(f"invalid config for preset {self.preset!r}: " + "; ".join(problems))
         return self
+
+    def _table_problems(self) -> list[str]:
+        problems = []
+        if self.qr_collisions is not None and (isinstance(self.qr_collisions, bool) or self.qr_collisions < 2):
+            problems.append(f"--qr-collisions must be at least 2 (ids per quotient row), got {self.qr_collisions}")
+        if self.qr_operation not in QR_OPERATIONS:
+            problems.append(f"--qr-operation must be one of {', '.join(QR_OPERATIONS)}, got {self.qr_operation!r}")
+        for name in ("qr_threshold", "md_threshold"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.md_temperature is not None and not 0 < self.md_temperature <= 1:
+            problems.append(f"--md-temperature must be in (0, 1], got {self.md_temperature}")
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from tfdlrm.presets import ModelConfig
+from tfdlrm.tables import embedding_parameter_count
 
 
 def mlp_parameter_count(fan_in: int, widths: Sequence[int]) -> int:
@@ -40,24 +41,24 @@ def dense_norm_parameter_count(config: ModelConfig) -> int:
 
 
 def dlrm_parameter_count(config: ModelConfig) -> int:
-    """Embedding rows * dim + bottom MLP + top MLP + the standardisation statistics."""
-    width = interaction_output_width(config.interaction, config.bottom_mlp[-1], config.embedding_dim,
+    """Embedding tables (tfdlrm/tables.py) + bottom MLP + top MLP + the standardisation statistics."""
+    width = interaction_output_width(config.interaction, config.bottom_mlp[-1], config.vector_dim,
                                      config.num_tables, config.self_interaction)
-    return (sum(config.table_rows) * config.embedding_dim
+    return (embedding_parameter_count(config)
             + mlp_parameter_count(config.num_dense, config.bottom_mlp[1:])
             + mlp_parameter_count(width, config.top_mlp) + dense_norm_parameter_count(config))
 
 
 def dcn_parameter_count(config: ModelConfig, cross: str = "v1") -> int:
     """Embeddings + cross layers + deep MLP + final logit + the standardisation statistics."""
-    width = config.num_dense + config.num_tables * config.embedding_dim
+    width = config.num_dense + config.num_tables * config.vector_dim
     if cross == "v1":
         cross_params = config.cross_layers * 2 * width
     elif config.cross_low_rank is None:
         cross_params = config.cross_layers * (width * width + width)
     else:
         cross_params = config.cross_layers * (2 * width * config.cross_low_rank + width)
-    return (sum(config.table_rows) * config.embedding_dim + cross_params
+    return (embedding_parameter_count(config) + cross_params
             + mlp_parameter_count(width, config.deep_mlp) + (width + config.deep_mlp[-1]) + 1
             + dense_norm_parameter_count(config))
 
@@ -71,4 +72,4 @@ def parameter_count(model: str, config: ModelConfig) -> int:
 
 def dense_parameter_count(config: ModelConfig, model: str = "dlrm") -> int:
     """Parameters outside the embedding tables."""
-    return parameter_count(model, config) - sum(config.table_rows) * config.embedding_dim
+    return parameter_count(model, config) - embedding_parameter_count(config)

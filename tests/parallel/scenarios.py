@@ -57,7 +57,7 @@ def canonical_weights(model) -> dict:
     import numpy as np
 
     out = {f"table_{f}": np.asarray(t.numpy()) for f, t in enumerate(model.sparse_arch.tables)}
-    tables = {v.ref() for v in model.sparse_arch.trainable_variables}
+    tables = {v.ref() for v in model.embedding_variables}  # MD projections count as dense weights
     dense = [v for v in model.trainable_variables if v.ref() not in tables]
     out.update({f"dense_{i}_{v.name}": v.numpy() for i, v in enumerate(dense)})
     return out
@@ -158,6 +158,25 @@ def equivalence(args: dict) -> dict:
     }
 
 
+def table_kinds(args: dict) -> dict:
+    """QR and MD tables (issue 25): hybrid on 4 devices, a QR part split by rows, against one device."""
+    config = small_config(rows=(300, 300, 300, 300, 1000, 3000), qr_collisions=4, qr_threshold=2000,
+                          md_temperature=0.5, md_threshold=200)
+    data = numpy_batches(config, 78, 24)
+    runs = {}
+    for name, mode, devices in (("one", "none", 1), ("hybrid", "hybrid", 4)):
+        setup, model = build(mode, devices, config, budget=args["budget"])
+        initial = canonical_weights(model)
+        runs[name] = {"initial": initial, "losses": fit_losses(model, data), "weights": canonical_weights(model),
+                      "plan": [[t.name, t.rows, t.dim, len(t.shards)] for t in (setup.plan.tables if setup.plan
+                                                                                 else [])]}
+    one = runs["one"]
+    return {"losses": {k: v["losses"] for k, v in runs.items()}, "plan": runs["hybrid"]["plan"],
+            "initial_diff": max_diff(runs["hybrid"]["initial"], one["initial"]),
+            "weight_diff": max_diff(runs["hybrid"]["weights"], one["weights"]),
+            "moved": max_diff(one["weights"], one["initial"])}
+
+
 def resume(args: dict) -> dict:
     """Restore a one-device checkpoint (weights and Adagrad slots) into hybrid on these
     devices with a row-split table; train on; compare with the one-device run."""
@@ -232,7 +251,7 @@ def ps_cluster(args: dict) -> dict:
             "auc": evaluation.auc, "examples": evaluation.examples}
 
 
-SCENARIOS = {f.__name__: f for f in (placement, equivalence, resume, ps_cluster)}
+SCENARIOS = {f.__name__: f for f in (placement, equivalence, table_kinds, resume, ps_cluster)}
 
 
 def main() -> None:

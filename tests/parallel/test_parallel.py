@@ -187,6 +187,18 @@ def test_hybrid_and_mirrored_on_four_devices_train_like_one_device():
     assert result["dcn_weight_diff"] < 1e-5
 
 
+def test_qr_and_md_tables_place_each_part_like_a_table_and_hybrid_trains_like_one_device():
+    result = run_scenario("table_kinds", 4, budget=20_000)
+    plan = {name: (rows, dim, shards) for name, rows, dim, shards in result["plan"]}
+    # a QR table's quotient and remainder, an MD table's rows and projection: each a table of the plan,
+    # the quotient (24,000 bytes) split by rows over the 20,000-byte budget
+    assert plan["C6_quotient"] == (750, 8, 2) and plan["C6_remainder"] == (4, 8, 1)
+    assert plan["C5"] == (1000, 4, 1) and plan["projection_C5"] == (4, 8, 1)
+    assert result["moved"] > 0.1 and result["initial_diff"] == 0.0
+    np.testing.assert_allclose(result["losses"]["hybrid"], result["losses"]["one"], rtol=0, atol=1e-5)
+    assert result["weight_diff"] < 1e-5
+
+
 def test_a_checkpoint_from_four_devices_loads_as_a_one_device_model(tmp_path):
     out = tmp_path / "run"
     # 26 tables of 32000 bytes; a 220000-byte budget fills the devices unevenly, so some

@@ -15,6 +15,7 @@ from tfdlrm.presets import (
     OPTIMIZER_NAMES,
     PARALLEL_MODES,
     PRESET_NAMES,
+    QR_OPERATIONS,
     SHUFFLES,
     XLA_MODES,
     parse_widths,
@@ -144,8 +145,28 @@ def add_model_args(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
                         "raw log counts); compare also takes MODEL=VALUE,... with --mixed-inputs")
 
 
+    add_table_args(p)
+
+
+def add_table_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory-saving tables (the reference's --qr-* and --md-* flags; docs/memory.md)")
+    g.add_argument("--qr-collisions", type=int, metavar="K",
+                   help="quotient-remainder tables: a table of n rows becomes ceil(n/K) + K rows (K >= 2)")
+    g.add_argument("--qr-flag", action="store_true", help="QR tables with the reference's default 4 collisions")
+    g.add_argument("--qr-operation", choices=QR_OPERATIONS,
+                   help="how an id's two rows make its vector (default: mult; concat makes vectors 2 x the dim)")
+    g.add_argument("--qr-threshold", type=int, metavar="N", help="QR for tables of more than N rows (default: 200)")
+    g.add_argument("--md-temperature", type=float, metavar="A",
+                   help="mixed-dimension tables: widths by the alpha-power rule with temperature A in (0, 1]")
+    g.add_argument("--md-flag", action="store_true",
+                   help="mixed dimensions with the reference's default temperature 0.3")
+    g.add_argument("--md-threshold", type=int, metavar="N", help="MD for tables of more than N rows (default: 200)")
+    g.add_argument("--md-round-dims", action="store_true", default=None, help="round MD widths to powers of two")
+
+
 CONFIG_FLAGS = ("embedding_dim", "bottom_mlp", "top_mlp", "interaction", "self_interaction", "pooling",
-                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank", "dense_norm")
+                "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank", "dense_norm", "qr_collisions",
+                "qr_operation", "qr_threshold", "md_temperature", "md_threshold", "md_round_dims")
 
 
 def dense_norm_arg(text: str):
@@ -170,6 +191,10 @@ def config_overrides(args: argparse.Namespace, model: Optional[str] = None) -> d
     """The model flags given; ``model``: compare's run of that model, where ``--dense-norm`` may name
     values per model (``dlrm=none,...``; a model it leaves out keeps the default)."""
     out = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
+    if getattr(args, "qr_flag", False):
+        out.setdefault("qr_collisions", 4)
+    if getattr(args, "md_flag", False):
+        out.setdefault("md_temperature", 0.3)
     if isinstance(out.get("dense_norm"), dict):
         if model is None:
             raise UserError("--dense-norm MODEL=VALUE,... is for compare (with --mixed-inputs); "

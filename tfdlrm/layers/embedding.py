@@ -1,21 +1,17 @@
 """SparseArch: one embedding table per categorical feature, with bag pooling."""
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from tfdlrm.presets import POOLINGS, default_feature_names, table_variable_name
+from tfdlrm.layers.sharded import _device_of, _device_scope, _is_sharded, _whole, sharded_gather
+from tfdlrm.layers.table_kinds import combine, part_ids, part_initializers
+from tfdlrm.layers.table_kinds import uniform as table_initializer  # noqa: F401 (the public name)
+from tfdlrm.presets import POOLINGS, default_feature_names
+from tfdlrm.tables import specs_for
 
 OUT_OF_RANGE = "tfdlrm: categorical id out of range"
-
-
-def table_initializer(rows: int) -> tf.keras.initializers.Initializer:
-    """The reference DLRM's table init: uniform(-sqrt(1/rows), sqrt(1/rows))."""
-    bound = math.sqrt(1.0 / rows)
-    return tf.keras.initializers.RandomUniform(-bound, bound)
 
 
 class EmbeddingTables(tf.keras.layers.Layer):
@@ -64,6 +60,22 @@ class EmbeddingTables(tf.keras.layers.Layer):
         ``C1, C2, ...``.
       check_ids: Boolean, whether to check that every id is in ``[0, rows_f)``
         (default ``True``; see above).
+      qr_collisions, qr_operation, qr_threshold: Quotient-remainder tables (the
+        reference's ``--qr-*``): with ``qr_collisions`` K >= 2, every table of more than
+        ``qr_threshold`` rows (default 200) becomes a quotient table of ceil(rows / K)
+        rows and a remainder table of K rows, an id's vector their rows' product
+        (``"mult"``, default), sum (``"add"``) or concatenation (``"concat"``: every
+        vector is then ``2 * dim`` wide).
+      md_temperature, md_threshold, md_round_dims: Mixed dimensions (the reference's
+        ``--md-*``): with a temperature in (0, 1], every table of more than
+        ``md_threshold`` rows gets a width by the alpha-power rule and a learned
+        projection back to ``dim`` (``tfdlrm.tables.md_dims``).
+
+    The layout of every table (``specs``), the variables it makes and how they start
+    are in ``tfdlrm/tables.py`` and ``table_kinds.py``; ``tables`` lists the row
+    variables (a QR table's quotient and remainder as two), ``projections`` the MD
+    projections (dense weights).  An id's vector is made from its rows before a bag
+    is pooled, so bags pool exact per-id vectors.
       **kwargs: Passed to ``tf.keras.layers.Layer`` (``name``, ``dtype``, ...).
 
     Raises:
@@ -79,6 +91,12 @@ class EmbeddingTables(tf.keras.layers.Layer):
         pooling: str = "sum",
         feature_names: Optional[Sequence[str]] = None,
         check_ids: bool = True,
+        qr_collisions: Optional[int] = None,
+        qr_operation: str = "mult",
+        qr_threshold: int = 200,
+        md_temperature: Optional[float] = None,
+        md_threshold: int = 200,
+        md_round_dims: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,11 +114,19 @@ class EmbeddingTables(tf.keras.layers.Layer):
         if len(names) != len(rows):
             raise ValueError(f"{len(names)} feature names for {len(rows)} tables.")
         self.rows = rows
-        self.dim = int(dim)
+        self.embedding_dim = int(dim)
         self.pooling = pooling
         self.feature_names = names
         self.check_ids = bool(check_ids)
-        self.tables: list[tf.Variable] = []
+        self.options = dict(qr_collisions=qr_collisions, qr_operation=qr_operation, qr_threshold=int(qr_threshold),
+                            md_temperature=md_temperature, md_threshold=int(md_threshold),
+                            md_round_dims=bool(md_round_dims))
+        self.specs = specs_for(rows, self.embedding_dim, names, **self.options)
+        self.dim = self.specs[0].dim  # every vector's width
+        self.all_full = all(spec.kind == "full" for spec in self.specs)
+        self.tables: list[tf.Variable] = []  # the row variables, in the specs' order
+        self.projections: list = []  # per feature: its MD projection, or None
+        self.parts_of: list[list[int]] = []  # per feature: the indices in ``tables`` of its row parts
 
     @property
     def num_features(self) -> int:
@@ -113,15 +139,20 @@ class EmbeddingTables(tf.keras.layers.Layer):
                 f"expected ids for {self.num_features} categorical features, got {features} "
                 f"(input shape {tuple(input_shape)})."
             )
-        self.tables = [
-            self.add_weight(
-                name=table_variable_name(name),
-                shape=(rows, self.dim),
-                initializer=table_initializer(rows),
-                trainable=True,
-            )
-            for name, rows in zip(self.feature_names, self.rows)
-        ]
+        tables, projections, parts_of = [], [], []
+        for spec in self.specs:
+            parts_of.append([])
+            projections.append(None)
+            for part, initializer in zip(spec.parts, part_initializers(spec)):
+                variable = self.add_weight(name=part.variable, shape=(part.rows, part.width),
+                                           initializer=initializer, trainable=True)
+                if part.rowwise:
+                    parts_of[-1].append(len(tables))
+                    tables.append(variable)
+                else:
+                    projections[-1] = variable
+        self.tables, self.parts_of = tables, parts_of
+        self.projections = projections
         super().build(input_shape)
 
     # -- id validation -------------------------------------------------------
@@ -207,7 +238,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
         and the rows are pooled on the caller's device).
         """
         if devices is None:
-            devices = [_device_of(table) for table in self.tables]
+            devices = [_device_of(self.tables[self.parts_of[f][0]]) for f in range(self.num_features)]
         if len(devices) != self.num_features:
             raise ValueError(f"{len(devices)} devices for {self.num_features} tables.")
         if isinstance(ids, tf.RaggedTensor):
@@ -225,30 +256,65 @@ class EmbeddingTables(tf.keras.layers.Layer):
         pooled = []
         for f, column in enumerate(columns):
             with _device_scope(devices[f]):
-                vectors = self.gather(f, column)  # [batch, dim] or [batch, k, dim]
+                vectors = self.vectors(f, column)  # [batch, dim] or [batch, k, dim]
                 if ids.shape.rank == 3:
                     vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
             pooled.append(vectors)
         return pooled
 
-    def gather(self, feature: int, ids):
-        """Rows ``ids`` (any shape) of table ``feature``: ``ids.shape + [dim]``."""
-        table = self.tables[feature]
-        if not _is_sharded(table):
-            return tf.gather(table, ids)
-        return sharded_gather(table.variables, ids)
+    def vectors(self, feature: int, ids):
+        """Each id's vector (any shape of ids) in table ``feature``: ``ids.shape + [dim]``; each row
+        part gathered on its own device (a row-split part shard by shard)."""
+        rows = []
+        for index, part in zip(self.parts_of[feature], part_ids(self.specs[feature], ids)):
+            table = self.tables[index]
+            with _device_scope(_device_of(table)):
+                rows.append(tf.gather(table, part) if not _is_sharded(table) else sharded_gather(table.variables, part))
+        return combine(self.specs[feature], rows, _whole(self.projections[feature]))
+
+    def _pool(self, vectors, bags: bool):
+        if not bags:
+            return vectors
+        return (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
 
     def embed(self, ids):
         """``[batch, features, dim]`` for dense ids (one-hot or fixed bags), with no id
         check and no device placement: the part of :meth:`call` that a compiled
         (XLA) step runs.  Ids must already be known to be in range."""
+        if not self.all_full:
+            return self.embed_from_rows(self.part_rows(ids)[0])
         pooled = []
         for f, table in enumerate(self.tables):
-            vectors = tf.gather(table, ids[:, f])  # [batch, dim] or [batch, k, dim]
-            if ids.shape.rank == 3:
-                vectors = (tf.reduce_sum if self.pooling == "sum" else tf.reduce_mean)(vectors, axis=1)
-            pooled.append(vectors)
+            pooled.append(self._pool(tf.gather(table, ids[:, f]), ids.shape.rank == 3))  # [batch, dim]
         return tf.stack(pooled, axis=1)
+
+    # -- the fast step's view of tables that are not all full: rows of each part, then the vectors --
+    def part_rows(self, ids) -> tuple[list, list]:
+        """For dense ids ``[batch, features(, k)]`` (in range, no placement): each row variable's
+        gathered rows ``[batch(, k), width]`` and the ids it gathered, in ``tables`` order."""
+        rows, indices = [], []
+        for f, spec in enumerate(self.specs):
+            for index, part in zip(self.parts_of[f], part_ids(spec, ids[:, f])):
+                rows.append(tf.gather(self.tables[index], part))
+                indices.append(part)
+        return rows, indices
+
+    def embed_from_rows(self, rows: list):
+        """``[batch, features, dim]`` from :meth:`part_rows`' rows: each id's vector, then the bags pooled."""
+        pooled = []
+        for f, spec in enumerate(self.specs):
+            vectors = combine(spec, [rows[i] for i in self.parts_of[f]], self.projections[f])
+            pooled.append(self._pool(vectors, vectors.shape.rank == 3))
+        return tf.stack(pooled, axis=1)
+
+    def row_gradients(self, grads: list, indices: list) -> list:
+        """One ``IndexedSlices`` a row variable from the gradients of :meth:`part_rows`' rows."""
+        out = []
+        for table, g, index in zip(self.tables, grads, indices):
+            width = table.shape[1]
+            out.append(tf.IndexedSlices(tf.reshape(tf.cast(g, table.dtype), [-1, width]), tf.reshape(index, [-1]),
+                                        dense_shape=tf.shape(table, out_type=index.dtype)))
+        return out
 
     def sparse_gradients(self, grad, ids) -> list:
         """The tables' gradients, one ``IndexedSlices`` per table, from ``grad`` =
@@ -256,7 +322,10 @@ class EmbeddingTables(tf.keras.layers.Layer):
         differentiating through the gathers gives, without a tape over the tables.
         Each bag's gradient goes to every id in the bag (divided by the bag size for
         ``mean``).  ``grad`` and ``ids`` may also come split by feature already (lists of
-        ``[batch, dim]`` and ``[batch(, k)]``: ``tf.unstack(..., axis=1)``)."""
+        ``[batch, dim]`` and ``[batch(, k)]``: ``tf.unstack(..., axis=1)``).  Full tables only
+        (:meth:`row_gradients` for the others)."""
+        if not self.all_full:
+            raise ValueError("sparse_gradients is for full tables; use part_rows and row_gradients")
         grads = []
         columns = ids if isinstance(ids, (list, tuple)) else tf.unstack(ids, num=self.num_features, axis=1)
         rows = grad if isinstance(grad, (list, tuple)) else tf.unstack(grad, num=self.num_features, axis=1)
@@ -291,7 +360,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
         for f in range(self.num_features):
             with _device_scope(devices[f]):
                 feature_bags = tf.gather(bags, bag_index[:, f])  # ragged [batch, None]
-                vectors = feature_bags.with_flat_values(self.gather(f, feature_bags.flat_values))
+                vectors = feature_bags.with_flat_values(self.vectors(f, feature_bags.flat_values))
                 summed = tf.reduce_sum(vectors, axis=1)  # [batch, dim]
                 if self.pooling == "mean":
                     counts = tf.cast(feature_bags.row_lengths(), summed.dtype)
@@ -306,10 +375,11 @@ class EmbeddingTables(tf.keras.layers.Layer):
         config = super().get_config()
         config.update(
             rows=list(self.rows),
-            dim=self.dim,
+            dim=self.embedding_dim,
             pooling=self.pooling,
             feature_names=list(self.feature_names),
             check_ids=self.check_ids,
+            **self.options,
         )
         return config
 
@@ -335,47 +405,3 @@ def _warn_unchecked_once(name: str) -> None:
                       f"out-of-range ids are clamped there. tfdlrm's models check ids before their compiled "
                       f"steps; check them yourself when you compile the layer in your own function.",
                       stacklevel=3)
-
-
-# -- placement helpers --------------------------------------------------------------
-def _is_sharded(variable) -> bool:
-    return bool(getattr(variable, "is_sharded_variable", False))
-
-
-def _device_of(table) -> Optional[str]:
-    """Where a table's lookup runs by default: a plain variable's device; None (the
-    caller's device) for a row-split table, and for a mirrored one, which each
-    replica reads on its own device."""
-    if _is_sharded(table) or isinstance(table, tf.distribute.DistributedValues):
-        return None
-    return getattr(table, "device", None) or None
-
-
-def _device_scope(device: Optional[str]):
-    return tf.device(device) if device else contextlib.nullcontext()
-
-
-def sharded_gather(shards: Sequence[tf.Variable], ids):
-    """Rows ``ids`` of a table split by rows into ``shards`` (in row order), ``ids.shape + [dim]``.
-
-    Each id goes to the shard holding its row; each shard gathers on its own device
-    (its gradient is ``IndexedSlices`` for that shard alone); the rows are stitched
-    back into the order of ``ids``.
-    """
-    ids = tf.convert_to_tensor(ids)
-    flat = tf.reshape(ids, [-1])
-    sizes = [int(s.shape[0]) for s in shards]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    # shard of each id: how many shard starts (after the first) are <= id
-    boundaries = tf.constant(starts[1:], dtype=flat.dtype)
-    shard_of = tf.reduce_sum(tf.cast(flat[:, None] >= boundaries[None, :], tf.int32), axis=1)
-    positions = tf.range(tf.size(flat))
-    ids_per_shard = tf.dynamic_partition(flat, shard_of, len(shards))
-    positions_per_shard = tf.dynamic_partition(positions, shard_of, len(shards))
-    rows = []
-    for shard, start, shard_ids in zip(shards, starts, ids_per_shard):
-        with tf.device(shard.device):
-            rows.append(tf.gather(shard, shard_ids - start))
-    stitched = tf.dynamic_stitch(positions_per_shard, rows)  # [ids, dim]
-    dim = shards[0].shape[1]
-    return tf.reshape(stitched, tf.concat([tf.shape(ids), [dim]], axis=0))

@@ -13,10 +13,12 @@ from tfdlrm.layers.embedding import EmbeddingTables
 from tfdlrm.layers.standardize import Standardize
 from tfdlrm.models.batch import check_features, dummy_batch, feature_inputs
 from tfdlrm.presets import ModelConfig
+from tfdlrm.tables import table_options
 
 
 def make_sparse_arch(config: ModelConfig) -> EmbeddingTables:
-    return EmbeddingTables(config.table_rows, config.embedding_dim, pooling=config.pooling, name="sparse_arch")
+    return EmbeddingTables(config.table_rows, config.embedding_dim, pooling=config.pooling, name="sparse_arch",
+                           **table_options(config))
 
 
 def make_dense_norm(config: ModelConfig) -> Optional[Standardize]:
@@ -53,12 +55,15 @@ class RecommenderModel(tf.keras.Model):
 
     @property
     def embedding_variables(self) -> list:
-        """The embedding tables (``sparse_arch``'s variables), as TFRS's ``Ranking`` splits them."""
-        return list(self.sparse_arch.trainable_variables)
+        """The embedding tables' row variables (``sparse_arch.tables``), as TFRS's ``Ranking`` splits
+        them: what is gathered by id and updated row by row."""
+        return [part for table in self.sparse_arch.tables
+                for part in (table.variables if getattr(table, "is_sharded_variable", False) else [table])]
 
     @property
     def dense_variables(self) -> list:
-        """Every other trainable variable: MLPs, interaction, cross network, logit layer."""
+        """Every other trainable variable: MLPs, interaction, cross network, logit layer, mixed-dimension
+        tables' projections."""
         tables = {v.ref() for v in self.embedding_variables}
         return [v for v in self.trainable_variables if v.ref() not in tables]
 

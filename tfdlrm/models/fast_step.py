@@ -132,16 +132,23 @@ class FastTrainStep:
             if layer.check_ids:
                 # Raises (naming the feature) before the update below, which needs its output.
                 sparse = layer.raise_if_out_of_range(sparse, bad)
+            # Full tables: the looked-up vectors [batch, tables, dim]; other kinds: each row part's rows
+            # (a list), made into the vectors under the tape (row_ids: the ids each part gathered).
+            row_ids = sparse
+            if not layer.all_full:
+                embedded, row_ids = embedded
+                with tf.control_dependencies([sparse]):  # the ids' check before any row changes
+                    row_ids = [tf.identity(index) for index in row_ids]
             y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
             kind = sparse_update_kind(model.optimizer)
             if kind is None:
-                self._function(model, "apply")(grads[:-1], grads[-1], sparse)
+                self._function(model, "apply")(grads[:-1], grads[-1], row_ids)
             else:
                 # The tables' rows by XLA, the dense weights by TensorFlow's own update ops: each
                 # of those runs as soon as its gradient is ready, beside the rest of the backward
                 # pass, where one compiled update of everything waited for the last gradient.
                 lr = learning_rate(model.optimizer, layer.tables[0].dtype)  # before the step counter moves
-                self._run(model, "rows", *row_arguments(grads[-1], sparse, kind, lr), lr, batch=tf.shape(sparse)[0])
+                self._run(model, "rows", *row_arguments(grads[-1], row_ids, kind, lr), lr, batch=tf.shape(sparse)[0])
                 with tf.control_dependencies([sparse]):  # the ids' check first: a bad id changes nothing
                     model.optimizer.apply_gradients(zip(grads[:-1], model.dense_variables))
         else:
@@ -183,6 +190,17 @@ class FastTrainStep:
         the sum went element by element (2.3x slower for 100 ids x 64 floats) and
         TensorFlow's sum over the bag axis took twice XLA's time."""
         layer = model.sparse_arch
+        if not layer.all_full:
+            # QR/MD tables: each row part's rows and ids (combined into vectors under the step's tape);
+            # compiled for one-hot ids, TensorFlow's gather for bags (as below).
+            def parts(ids):
+                if layer.check_ids and ids.shape.rank == 3:
+                    ids = layer.raise_if_out_of_range(ids)
+                    return layer.part_rows(ids), tf.constant(False)
+                return layer.part_rows(ids), layer.out_of_range(ids)
+
+            one_hot = model.config.ids_per_lookup == 1
+            return tf.function(parts, jit_compile=one_hot, reduce_retracing=True, autograph=False), one_hot
         if model.config.ids_per_lookup == 1:
             def lookup(ids):
                 return layer.embed(ids), layer.out_of_range(ids)
@@ -223,7 +241,7 @@ class FastTrainStep:
         def apply(dense_grads, embedded_grad, ids):
             layer = model.sparse_arch
             pairs = list(zip(dense_grads, model.dense_variables))
-            model.optimizer.apply_gradients(pairs + list(zip(layer.sparse_gradients(embedded_grad, ids), layer.tables)))
+            model.optimizer.apply_gradients(pairs + list(zip(table_gradients(layer, embedded_grad, ids), layer.tables)))
 
         return tf.function(apply, reduce_retracing=True, autograph=False), False
 
@@ -235,20 +253,26 @@ class FastTrainStep:
                             f"adagrad, not {type(model.optimizer).__name__}; use --xla sparse")
 
         def full(x, dense, ids, y, sample_weight):
-            embedded = model.sparse_arch.embed(ids)
+            layer = model.sparse_arch
+            if layer.all_full:
+                embedded, row_ids = layer.embed(ids), ids
+            else:
+                embedded, row_ids = layer.part_rows(ids)
             y_pred, _, grads = _loss_and_gradients(model, x, dense, embedded, y, sample_weight)
-            apply_gradients(model, grads[:-1], grads[-1], ids, kind)
+            apply_gradients(model, grads[:-1], grads[-1], row_ids, kind)
             return y_pred
 
         return tf.function(full, jit_compile=True, reduce_retracing=True, autograph=False), True
 
 
 def _loss_and_gradients(model, x, dense, embedded, y, sample_weight):
-    """Forward from looked-up ``embedded`` [batch, tables, dim]; returns (y_pred, loss, grads)
-    with grads in ``model.dense_variables`` order followed by d loss / d embedded."""
+    """Forward from looked-up ``embedded`` [batch, tables, dim] (or, for tables that are not all full,
+    the list of each row part's gathered rows); returns (y_pred, loss, grads) with grads in
+    ``model.dense_variables`` order followed by d loss / d embedded (a list for a list)."""
     with tf.GradientTape() as tape:
         tape.watch(embedded)
-        logits = model.logits_from_embeddings(dense, embedded, training=True, compiled_parts=True)
+        vectors = embedded if model.sparse_arch.all_full else model.sparse_arch.embed_from_rows(embedded)
+        logits = model.logits_from_embeddings(dense, vectors, training=True, compiled_parts=True)
         y_pred = tf.keras.activations.sigmoid(logits)
         loss = model.compute_loss(x, y, y_pred, sample_weight)
     model._validate_target_and_loss(y, loss)  # noqa: SLF001 (what Model.train_step does)
@@ -289,8 +313,18 @@ def row_arguments(embedded_grad, ids, kind: str, lr) -> tuple[list, list]:
     ``Unpack`` each), that function holds only the tables' scatters: it compiled 2.5x faster (0.3 s
     against 0.8-1.0 s at batch 128-192, 26 tables) and ran faster (0.47 against 0.79 ms at 2048)
     than with the slices and products inside."""
+    if isinstance(embedded_grad, (list, tuple)):  # tables not all full: per row part already
+        return [lr * g if kind == "sgd" else g for g in embedded_grad], list(ids)
     values = lr * embedded_grad if kind == "sgd" else embedded_grad
     return tf.unstack(values, axis=1), tf.unstack(ids, axis=1)
+
+
+def table_gradients(layer, values, ids) -> list:
+    """One ``IndexedSlices`` a row variable: from d loss / d vectors for full tables, from each row
+    part's gradients otherwise (lists, as :func:`row_arguments` gives them)."""
+    if layer.all_full:
+        return layer.sparse_gradients(values, ids)
+    return layer.row_gradients(values, ids)
 
 
 def apply_table_rows(model, values, ids, kind: str, lr) -> None:
@@ -300,7 +334,7 @@ def apply_table_rows(model, values, ids, kind: str, lr) -> None:
     ``IndexedSlices``); Adagrad as ``ResourceSparseApplyAdagradV2`` (whose TensorFlow kernel has no
     XLA version).  The step counter is the dense update's to move."""
     layer = model.sparse_arch
-    table_grads = layer.sparse_gradients(values, ids)
+    table_grads = table_gradients(layer, values, ids)
     if kind == "sgd":
         for table, step in zip(layer.tables, table_grads):
             table.scatter_sub(step)

@@ -35,9 +35,7 @@ class HybridRunner:
         import tensorflow as tf
         from tensorflow.python.distribute.sharded_variable import ShardedVariable
 
-        from tfdlrm.presets import table_variable_name
-
-        tables = {table_variable_name(t.name): t for t in self.plan.tables}
+        tables = {t.variable_name: t for t in self.plan.tables}
         dense_device = self.plan.dense_device
 
         def creator(next_creator, **kwargs):
@@ -77,7 +75,7 @@ class HybridRunner:
         devices = self.plan.devices
         parts = len(devices)
         sizes = _split_sizes(tf.shape(dense, out_type=tf.int32)[0], parts)
-        homes = [t.home for t in self.plan.tables]
+        homes = self.plan.feature_homes()
         pooled = model.sparse_arch.lookup(sparse, devices=homes)  # per table, on its device
         slices = []  # slices[f][k]: table f's vectors for device k's examples, cut where f lives
         for home, vectors in zip(homes, pooled):

@@ -10,8 +10,9 @@ from typing import Optional, Sequence
 
 from tfdlrm.errors import UserError
 from tfdlrm.parallel.devices import device_names
-from tfdlrm.presets import ModelConfig
+from tfdlrm.presets import ModelConfig, table_variable_name
 from tfdlrm.sizes import dense_parameter_count
+from tfdlrm.tables import all_full, table_specs
 
 BYTES_PER_VALUE = 4  # float32 tables
 
@@ -31,10 +32,23 @@ class Shard:
 
 @dataclass(frozen=True)
 class TablePlacement:
-    name: str  # feature name, C1 ...
+    """Where one table variable lives: a full table, a QR table's quotient or remainder part, an MD
+    table's rows or its projection (tfdlrm/tables.py), each placed like any table."""
+
+    name: str  # the feature's name for a full table (C1 ...), else the variable's without "table_"
     rows: int
-    dim: int
+    dim: int  # the variable's width
     shards: tuple[Shard, ...]
+    variable: str = ""  # the model's variable name (default: table_<name>)
+    feature: str = ""  # the feature it serves (default: name)
+
+    @property
+    def variable_name(self) -> str:
+        return self.variable or table_variable_name(self.name)
+
+    @property
+    def feature_name(self) -> str:
+        return self.feature or self.name
 
     @property
     def bytes(self) -> int:
@@ -73,6 +87,13 @@ class PlacementPlan:
                 out[s.device].append(t.name)
         return out
 
+    def feature_homes(self) -> list[str]:
+        """Per feature (in order), where its vectors are assembled: its first variable's home."""
+        homes: dict[str, str] = {}
+        for t in self.tables:
+            homes.setdefault(t.feature_name, t.home)
+        return list(homes.values())
+
     def table(self, name: str) -> TablePlacement:
         for t in self.tables:
             if t.name == name:
@@ -98,7 +119,8 @@ class PlacementPlan:
                 where = t.home
             else:
                 where = ", ".join(f"{s.device} rows {s.start}-{s.stop - 1}" for s in t.shards)
-            lines.append(f"{t.name:8} {t.rows:>12,} {t.bytes:>15,}  {where}")
+            lines.append(f"{t.name:8} {t.rows:>12,} {t.bytes:>15,}  {where}"
+                         + (f"  ({t.rows:,} x {t.dim})" if t.name != t.feature_name else ""))
         lines.append("")
         lines.append(f"{'device':24} {'tables':>6} {'bytes':>15}")
         per_table = self.tables_per_device()
@@ -122,8 +144,10 @@ def _div_rows(rows: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def plan_placement(table_rows: Sequence[int], dim: int, devices: Sequence[str], budget: Optional[int] = None,
-                   feature_names: Optional[Sequence[str]] = None, dense_bytes: int = 0) -> PlacementPlan:
+def plan_placement(table_rows: Sequence[int], dim, devices: Sequence[str], budget: Optional[int] = None,
+                   feature_names: Optional[Sequence[str]] = None, dense_bytes: int = 0,
+                   variables: Optional[Sequence[str]] = None,
+                   features: Optional[Sequence[str]] = None) -> PlacementPlan:
     """Assign every table to a device, balancing bytes greedily, largest table first.
 
     Each table goes whole to the device with the fewest bytes so far (ties: the first
@@ -140,16 +164,18 @@ def plan_placement(table_rows: Sequence[int], dim: int, devices: Sequence[str], 
     if budget is not None and budget <= 0:
         raise UserError(f"--budget must be a positive number of bytes, got {budget}")
     names = list(feature_names) if feature_names is not None else default_feature_names(len(table_rows))
-    row_bytes = dim * BYTES_PER_VALUE
+    dims = [int(d) for d in dim] if isinstance(dim, (list, tuple)) else [int(dim)] * len(table_rows)
     load = [0] * len(devices)
     shards: dict[int, tuple[Shard, ...]] = {}
 
-    def fits(d: int, rows: int) -> bool:
-        return budget is None or load[d] + rows * row_bytes <= budget
-
-    order = sorted(range(len(table_rows)), key=lambda t: (-table_rows[t], t))
+    order = sorted(range(len(table_rows)), key=lambda t: (-table_rows[t] * dims[t], t))
     for t in order:
         rows = int(table_rows[t])
+        row_bytes = dims[t] * BYTES_PER_VALUE
+
+        def fits(d: int, rows: int) -> bool:
+            return budget is None or load[d] + rows * row_bytes <= budget
+
         by_load = sorted(range(len(devices)), key=lambda d: (load[d], d))
         if fits(by_load[0], rows):
             shards[t] = (Shard(devices[by_load[0]], 0, rows),)
@@ -171,9 +197,11 @@ def plan_placement(table_rows: Sequence[int], dim: int, devices: Sequence[str], 
             raise UserError(
                 f"cannot place table {names[t]} ({rows:,} rows, {rows * row_bytes:,} bytes) on "
                 f"{len(devices)} device(s) with a budget of {budget:,} bytes each ({free:,} bytes left; "
-                f"{sum(table_rows) * row_bytes:,} needed in all, {budget * len(devices):,} available); "
-                f"raise --budget or use more --devices")
-    tables = [TablePlacement(names[t], int(table_rows[t]), int(dim), shards[t]) for t in range(len(table_rows))]
+                f"{sum(r * d for r, d in zip(table_rows, dims)) * BYTES_PER_VALUE:,} needed in all, "
+                f"{budget * len(devices):,} available); raise --budget or use more --devices")
+    tables = [TablePlacement(names[t], int(table_rows[t]), dims[t], shards[t],
+                             variables[t] if variables else "", features[t] if features else "")
+              for t in range(len(table_rows))]
     return PlacementPlan(devices, tables, budget, int(dense_bytes), devices[0])
 
 
@@ -181,5 +209,15 @@ def plan_for(config: ModelConfig, devices, budget: Optional[int] = None, model: 
     """The placement plan of a model config over ``devices`` (a count or a list)."""
     names = devices if isinstance(devices, list) and all(str(d).startswith("/device:") for d in devices) \
         else device_names(devices)
-    return plan_placement(config.table_rows, config.embedding_dim, names, budget,
-                          dense_bytes=dense_parameter_count(config, model) * BYTES_PER_VALUE)
+    if all_full(config):
+        return plan_placement(config.table_rows, config.embedding_dim, names, budget,
+                              dense_bytes=dense_parameter_count(config, model) * BYTES_PER_VALUE)
+    # QR and MD tables: every part (a QR table's quotient and remainder, an MD table's rows and projection)
+    # placed like a table of its own
+    parts = [(spec.feature, part) for spec in table_specs(config) for part in spec.parts]
+    prefix = table_variable_name("")
+    return plan_placement([p.rows for _, p in parts], [p.width for _, p in parts], names, budget,
+                          feature_names=[p.variable[len(prefix):] if p.variable.startswith(prefix) else p.variable
+                                         for _, p in parts],
+                          dense_bytes=dense_parameter_count(config, model) * BYTES_PER_VALUE,
+                          variables=[p.variable for _, p in parts], features=[f for f, _ in parts])

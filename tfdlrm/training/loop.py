@@ -104,10 +104,11 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     steps_per_epoch = spec.steps_per_epoch or per_pass
     total_steps = spec.epochs * steps_per_epoch
     from tfdlrm.models.fast_step import resolve_mixed_precision, resolve_xla
+    from tfdlrm.tables import table_summary, tables_record
 
     precision = resolve_mixed_precision(spec.mixed_precision)
     run_info = {"model": spec.model, "config": config.to_dict(), "data": source.describe(), "spec": spec.to_dict(),
-                "mixed_precision": precision or "off"}
+                "mixed_precision": precision or "off", "tables": tables_record(config)}
     status = None
     if out is not None:
         status = open_run(out, run_info, restart=spec.restart, total_steps=total_steps,
@@ -141,6 +142,8 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         f"dim {config.embedding_dim}), {params:,} parameters; data {source.name}: "
         f"{source.train_examples:,} train / {source.eval_examples:,} eval examples; {setup.describe()}; "
         f"step: xla {xla}, {'bf16' if precision else 'float32'} MLPs, {per_call} steps a call; {threads}")
+    for line in table_summary(config):
+        log(f"{spec.model} embedding {line}")
     if setup.plan is not None and len(setup.devices) > 1:
         per_device = ", ".join(f"{d}: {b:,}" for d, b in setup.plan.bytes_per_device().items())
         log(f"embedding bytes per device: {per_device}")

@@ -1,6 +1,7 @@
 """How much memory training will take, checked before any variable is created (``--memory-limit``).
 
-``estimate_training_memory`` is closed-form arithmetic on the model config (``tfdlrm/sizes.py``),
+``estimate_training_memory`` is closed-form arithmetic on the model config (``tfdlrm/sizes.py``;
+each table's parts from ``tfdlrm/tables.py``, so QR and MD tables count what they create),
 calibrated against measured peak RSS (docs/training.md, **Memory**): the embedding tables as
 they are created, the optimizer's slots (sgd none, adagrad one per variable, adam two), what
 the step adds (adam's dense slot updates, mirrored's replicas and densified gradients), the
@@ -16,6 +17,7 @@ from typing import Optional
 from tfdlrm.errors import UserError
 from tfdlrm.presets import ModelConfig
 from tfdlrm.sizes import interaction_output_width, parameter_count
+from tfdlrm.tables import table_specs
 
 FLOAT = 4  # bytes: every variable is float32 (bf16 is a compute dtype only)
 # Measured (docs/training.md): a table costs 1.125x its bytes in RSS as it is created
@@ -75,12 +77,12 @@ def format_bytes(n: float) -> str:
 def activation_width(model: str, config: ModelConfig) -> int:
     """Floats one example passes through the model's layers (inputs, every layer's output,
     the looked-up rows of a bag before pooling, the dot interaction's Gram matrix)."""
-    pooled = config.num_tables * config.embedding_dim
+    pooled = config.num_tables * config.vector_dim
     gathered = pooled * config.ids_per_lookup if config.ids_per_lookup > 1 else 0
     width = config.num_dense + pooled + gathered
     if model == "dlrm":
         width += sum(config.bottom_mlp[1:]) + sum(config.top_mlp)
-        width += interaction_output_width(config.interaction, config.bottom_mlp[-1], config.embedding_dim,
+        width += interaction_output_width(config.interaction, config.bottom_mlp[-1], config.vector_dim,
                                           config.num_tables, config.self_interaction)
         if config.interaction == "dot":
             width += (config.num_tables + 1) ** 2
@@ -106,7 +108,8 @@ def estimate_training_memory(model: str, config: ModelConfig, optimizer: str = "
     for name in (optimizer, embedding_optimizer):
         if name is not None and name not in SLOTS:
             raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(SLOTS)}")
-    table_bytes = sum(config.table_rows) * config.embedding_dim * FLOAT
+    row_parts = [part for spec in table_specs(config) for part in spec.parts if part.rowwise]
+    table_bytes = sum(part.bytes for part in row_parts)  # MD projections are dense weights
     dense_bytes = (parameter_count(model, config) * FLOAT) - table_bytes
     table_slots = SLOTS[embedding_optimizer or optimizer]
     dense_slots = SLOTS[optimizer]
@@ -114,7 +117,7 @@ def estimate_training_memory(model: str, config: ModelConfig, optimizer: str = "
     tables = int(table_bytes * (TABLE_BUILD_FACTOR + copies - 1))
     step = 0
     if parallel == "hybrid":
-        step += max(config.table_rows) * config.embedding_dim * FLOAT
+        step += max(part.bytes for part in row_parts)
     if parallel == "mirrored":
         step += (copies + 1) * table_bytes  # each replica's densified table gradients, and their sum
     if table_slots == 2:
