@@ -62,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tfdlrm.serving.export import export_run
 
     export_run(args.run_dir, out=args.out, version=args.version, force=args.force, dataset=args.dataset, log=print,
-               checkpoint=args.checkpoint)
+               checkpoint=args.checkpoint, quantize_bits=args.quantize_embeddings)
     return 0
 
 

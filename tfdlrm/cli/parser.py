@@ -67,6 +67,10 @@ def add_export_parser(sub) -> None:
     p.add_argument("--dataset", metavar="DIR",
                    help="the converted dataset the run trained on, if it has moved since (its manifest must be "
                         "the one in run.json)")
+    p.add_argument("--quantize-embeddings", type=int, choices=(8, 4), metavar="8|4",
+                   help="store every embedding table row-wise quantized (uint8 codes, or two 4-bit codes a byte, "
+                        "with a scale and bias per row), turned back into floats only for the rows a request "
+                        "looks up (docs/memory.md)")
     p.set_defaults(func=cmd_export)
 
 

@@ -127,6 +127,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
         self.tables: list[tf.Variable] = []  # the row variables, in the specs' order
         self.projections: list = []  # per feature: its MD projection, or None
         self.parts_of: list[list[int]] = []  # per feature: the indices in ``tables`` of its row parts
+        self.quantized = None  # :meth:`quantize`
 
     @property
     def num_features(self) -> int:
@@ -268,9 +269,29 @@ class EmbeddingTables(tf.keras.layers.Layer):
         rows = []
         for index, part in zip(self.parts_of[feature], part_ids(self.specs[feature], ids)):
             table = self.tables[index]
+            if self.quantized is not None and self.quantized[index] is not None:  # layers/quantized.py
+                rows.append(self.quantized[index].gather(part))
+                continue
             with _device_scope(_device_of(table)):
                 rows.append(tf.gather(table, part) if not _is_sharded(table) else sharded_gather(table.variables, part))
         return combine(self.specs[feature], rows, _whole(self.projections[feature]))
+
+    def quantize(self, bits: int) -> list:
+        """Look rows up from row-wise quantized copies of the tables from now on (``bits`` 8 or 4;
+        :class:`tfdlrm.layers.quantized.QuantizedRows`), for prediction and serving; returns them (one
+        per row variable, in ``tables`` order; None for a table kept float32 because its rows are too
+        narrow to shrink: a per-row scale and bias outweigh the codes of a row of 1 or 2 values at 8
+        bits).  ``bits=None`` goes back to the float tables."""
+        if bits is None:
+            self.quantized = None
+            return []
+        from tfdlrm.layers.quantized import QuantizedRows, quantized_row_bytes
+
+        self.quantized = [
+            QuantizedRows(table.numpy(), bits, name=table.name.split("/")[-1].split(":")[0])
+            if quantized_row_bytes(int(table.shape[1]), bits) < 4 * int(table.shape[1]) else None
+            for table in self.tables]
+        return self.quantized
 
     def _pool(self, vectors, bags: bool):
         if not bags:

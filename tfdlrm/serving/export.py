@@ -107,7 +107,14 @@ class Export:
 
     def summary(self) -> str:
         label = self.checkpoint_label or Path(self.checkpoint).name
-        lines = [f"exported {self.model} from {self.run_dir} ({label}) to {self.path}"]
+        lines = [f"exported {self.model} from {self.run_dir} ({label}) to {self.path}"
+                 + (f" ({self.description['saved_model_bytes']:,} bytes)" if "saved_model_bytes" in self.description
+                    else "")]
+        quantized = self.description.get("quantized_embeddings")
+        if quantized:
+            lines.append(f"  embedding tables {quantized['bits']}-bit row-wise: {quantized['float_table_bytes']:,} "
+                         f"bytes as float32 -> {quantized['quantized_table_bytes']:,} bytes "
+                         f"({quantized['float_table_bytes'] / quantized['quantized_table_bytes']:.1f}x smaller)")
         for name, sig in self.description["signatures"].items():
             if name == SIGNATURE_RAW and not self.raw_features:
                 lines.append(f"  {name:16} = {SIGNATURE_IDS}")
@@ -224,10 +231,13 @@ def check_destination(run_dir: str, out: Optional[str] = None, version: Optional
 
 def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] = None, force: bool = False,
                dataset: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
-               checkpoint: str = "latest") -> Export:
+               checkpoint: str = "latest", quantize_bits: Optional[int] = None) -> Export:
     """Export the run in ``run_dir`` to ``out/<version>`` (default ``saved_models/<model>/<next>``):
     its newest checkpoint, or ``checkpoint`` (``best``, the best epoch on validation; ``epoch-N``;
-    ``step-N``: tfdlrm/training/choose.py)."""
+    ``step-N``: tfdlrm/training/choose.py); with ``quantize_bits`` (8 or 4) the embedding tables stored
+    row-wise quantized (tfdlrm/layers/quantized.py)."""
+    if quantize_bits not in (None, 8, 4):
+        raise UserError(f"--quantize-embeddings takes 8 or 4 bits, got {quantize_bits}")
     run = Path(run_dir)
     meta = _read_run(run)
     base, chosen = check_destination(run_dir, out, version, force, meta["model"], create=False)
@@ -235,11 +245,12 @@ def export_run(run_dir: str, out: Optional[str] = None, version: Optional[int] =
         # Read-only: shared with other exports, refused while a train writes the run.
         held.enter_context(hold(run, shared=True, what=f"run directory {run}",
                                 hint="export it once training has finished"))
-        return _export(run_dir, base, version, force, dataset, log, held, checkpoint)
+        return _export(run_dir, base, version, force, dataset, log, held, checkpoint, quantize_bits)
 
 
 def _export(run_dir: str, base: Path, version: Optional[int], force: bool, dataset: Optional[str],
-            log: Optional[Callable[[str], None]], held: ExitStack, which: str = "latest") -> Export:
+            log: Optional[Callable[[str], None]], held: ExitStack, which: str = "latest",
+            quantize_bits: Optional[int] = None) -> Export:
     from tfdlrm.training.choose import choose_checkpoint
     from tfdlrm.training.rundir import CHECKPOINT_DIR, METRICS_FILE, RUN_FILE, load_run
 
@@ -251,6 +262,15 @@ def _export(run_dir: str, base: Path, version: Optional[int], force: bool, datas
                            checkpoint=chosen_checkpoint.name if chosen_checkpoint.record else which)
     checkpoint = chosen_checkpoint.prefix
     features, info = serving_features(meta, model.config, dataset)
+    if quantize_bits:
+        tables = model.sparse_arch.tables
+        float_bytes = sum(int(np.prod(t.shape)) * 4 for t in tables)
+        quantized = model.sparse_arch.quantize(quantize_bits)
+        info["quantized_embeddings"] = {
+            "bits": quantize_bits, "float_table_bytes": float_bytes,
+            "quantized_table_bytes": sum(q.bytes if q is not None else int(np.prod(t.shape)) * 4
+                                         for q, t in zip(quantized, tables)),
+            "tables_kept_float32": [t.name.split("/")[-1].split(":")[0] for q, t in zip(quantized, tables) if q is None]}
     _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
     held.enter_context(hold(base, what=f"export base {base}", hint="wait for that export to finish, or use another "
                                                                     "--out"))
@@ -279,9 +299,14 @@ def _export(run_dir: str, base: Path, version: Optional[int], force: bool, datas
     result = Export(path=base / str(chosen), version=chosen, model=meta["model"], raw_features=features is not None,
                     description=description, run_dir=str(run_dir), checkpoint=checkpoint,
                     checkpoint_label=chosen_checkpoint.label())
+    result.description["saved_model_bytes"] = _tree_bytes(result.path)
     if log is not None:
         log(result.summary())
     return result
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def checkpoint_metrics(metrics: dict, chosen) -> dict:

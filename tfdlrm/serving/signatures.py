@@ -29,7 +29,15 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: tf.keras.Model, features=None):
         super().__init__(name="tfdlrm_serving")
-        self.model_variables = list(model.variables)
+        # With quantized tables (export --quantize-embeddings), their codes, scales and biases instead of
+        # the float tables, which the signatures then never read.
+        arch = getattr(model, "sparse_arch", None)
+        quantized = getattr(arch, "quantized", None) or []
+        floats = {t.ref() for t, q in zip(arch.tables, quantized) if q is not None}
+        kept = [v for v in model.variables if v.ref() not in floats]
+        seen = {v.ref() for v in kept}
+        kept += [v for q in quantized if q is not None for v in (q.codes, q.scale, q.bias) if v.ref() not in seen]
+        self.model_variables = kept
         self.features = features
 
 
