@@ -160,6 +160,16 @@ class ModelConfig:
             raise UserError(f"invalid config for preset {self.preset!r}: " + "; ".join(problems))
         return self
 
+    def embedding_kind(self) -> str:
+        """``full``, or the QR and MD settings that shape the tables (tfdlrm/tables.py), as one phrase."""
+        kinds = []
+        if self.qr_collisions:
+            kinds.append(f"qr {self.qr_operation} {self.qr_collisions} collisions over {self.qr_threshold} rows")
+        if self.md_temperature:
+            kinds.append(f"md temperature {self.md_temperature} over {self.md_threshold} rows"
+                         + (" rounded" if self.md_round_dims else ""))
+        return " + ".join(kinds) or "full"
+
     def _table_problems(self) -> list[str]:
         problems = []
         if self.qr_collisions is not None and (isinstance(self.qr_collisions, bool) or self.qr_collisions < 2):
@@ -202,8 +212,14 @@ class ModelConfig:
     def differences(self, other: "ModelConfig") -> list[str]:
         """Human-readable ``field: mine != theirs`` lines (for refusing mismatched checkpoints)."""
         out = []
+        table_fields = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
+                        "md_round_dims")
+        if self.embedding_kind() != other.embedding_kind():
+            out.append(f"embedding tables: {self.embedding_kind()} != {other.embedding_kind()}")
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name in table_fields:
+                continue
             if a != b:
                 if f.name == "table_rows" and len(a) == len(b):
                     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]

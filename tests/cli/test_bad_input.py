@@ -102,6 +102,11 @@ ROWS = [
                                               "{tmp}/cache"], ["--val-fraction need --eval-data"], {}),
     ("train/val-fraction-generated", ["train", "--val-fraction", "0.1"], ["--val-fraction", "raw Criteo TSV"], {}),
     ("train/shuffle-unknown", ["train", "--shuffle", "sometimes"], ["--shuffle", "invalid choice"], {}),
+    ("train/qr-collisions-one", ["train", "--qr-collisions", "1"], ["--qr-collisions must be at least 2"], {}),
+    ("train/qr-concat-bottom-width", ["train", "--qr-collisions", "4", "--qr-operation", "concat"],
+     ["2 x the embedding dim", "bottom MLP to end in 16"], {}),
+    ("train/md-temperature-out-of-range", ["train", "--md-temperature", "1.5"], ["--md-temperature must be in (0, 1]"],
+     {}),
     # -- train: output
     ("train/out-under-a-file", ["train", *TINY, "--out", "{file}/run"], ["cannot write to output directory"], {}),
     ("train/out-is-a-file", ["train", *TINY, "--out", "{file}"], ["cannot write to output directory", "a-file"], {}),
@@ -282,6 +287,8 @@ ROWS = [
     ("export/run-without-checkpoint", ["export", "{bare_run}"], ["checkpoint"], {"command": ("export",)}),
     ("export/out-under-a-file", ["export", "{run}", "--out", "{file}/models"], ["a-file"], {"command": ("export",)}),
     ("export/version-negative", ["export", "{run}", "--version", "-1"], ["--version"], {"command": ("export",)}),
+    ("export/quantize-bits", ["export", "{run}", "--quantize-embeddings", "3"], ["--quantize-embeddings", "invalid choice"],
+     {"command": ("export",)}),
 ]
 
 

@@ -221,3 +221,51 @@ def test_an_out_of_range_id_is_refused_before_any_part_changes():
         net.train_on_batch(x, y)
     for b, t in zip(before, net.sparse_arch.tables):
         np.testing.assert_array_equal(b, t.numpy())
+
+
+def test_a_run_of_one_table_kind_is_not_resumed_as_another(tmp_path):
+    from tfdlrm.training.loop import train
+    from tfdlrm.training.spec import TrainSpec
+
+    def spec(epochs=1, **overrides):
+        return TrainSpec(model="dlrm", preset="tiny", rows=500, train_examples=1024, eval_examples=1024, batch_size=512,
+                         out=str(tmp_path / "run"), verbose=0, overrides=overrides, epochs=epochs)
+
+    train(spec(qr_collisions=4), log=lambda s: None)
+    with pytest.raises(UserError, match=r"embedding tables: qr mult 4 collisions over 200 rows != full"):
+        train(spec(), log=lambda s: None)
+    assert small_config(qr_collisions=4).differences(small_config(qr_collisions=4, qr_operation="add")) == [
+        "embedding tables: qr mult 4 collisions over 200 rows != qr add 4 collisions over 200 rows"]
+    # the same kind continues from its checkpoint (a second epoch), every part restored
+    from tfdlrm.training.rundir import load_run
+
+    first, _ = load_run(str(tmp_path / "run"))
+    lines = []
+    train(spec(epochs=2, qr_collisions=4), log=lines.append)
+    assert any("resum" in line for line in lines), lines
+    second, _ = load_run(str(tmp_path / "run"))
+    assert len(first.sparse_arch.tables) == len(second.sparse_arch.tables) == 52
+    assert all(np.any(a.numpy() != b.numpy()) for a, b in zip(first.sparse_arch.tables[:2], second.sparse_arch.tables))
+    # the saved model is rebuilt with its own tables
+    model, meta = load_run(str(tmp_path / "run"))
+    assert [s.kind for s in model.sparse_arch.specs] == ["qr"] * 26
+    assert meta["tables"]["tables"][0]["variables"] == [["table_C1_quotient", 125, 8], ["table_C1_remainder", 4, 8]]
+
+
+def test_the_memory_estimate_and_the_plan_count_what_each_part_creates():
+    from tfdlrm.parallel.plan import plan_for
+    from tfdlrm.training.memory import estimate_training_memory
+
+    full = get_preset("kaggle", dense_norm="none")
+    qr = full.replace(qr_collisions=60)
+    md = full.replace(table_rows=(10_000,) + (1_000_000,) * 25, md_temperature=0.5, md_threshold=0)
+    # kaggle: 26 tables of 1M rows; QR 60: 16,667 + 60 rows a table; MD: 10k rows keep 16, 1M rows get 2
+    assert estimate_training_memory("dlrm", qr, "adagrad").slots == 26 * (16_667 + 60) * 16 * 4
+    assert estimate_training_memory("dlrm", md, "adagrad").slots == (10_000 * 16 + 25 * 1_000_000 * 2) * 4
+    ratio = estimate_training_memory("dlrm", full).tables / estimate_training_memory("dlrm", qr).tables
+    assert ratio == pytest.approx(1_000_000 / (16_667 + 60), rel=1e-6)
+    plan = plan_for(md, 2)
+    names = [t.name for t in plan.tables]
+    assert names[:3] == ["C1", "C2", "projection_C2"] and len(names) == 1 + 25 * 2
+    assert sum(plan.bytes_per_device().values()) == (10_000 * 16 + 25 * (1_000_000 * 2 + 2 * 16)) * 4
+    assert plan.feature_homes() == [plan.tables[0].home] + [plan.table(f"C{i}").home for i in range(2, 27)]

@@ -37,6 +37,14 @@ def combine(spec: TableSpec, rows: list, projection=None):
     return rows[0]
 
 
+class RandomSigns(tf.keras.initializers.Initializer):
+    """-1 or +1, each with probability 1/2."""
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        bits = tf.random.uniform(shape, 0, 2, dtype=tf.int32)
+        return tf.cast(2 * bits - 1, dtype or tf.float32)
+
+
 def uniform(rows: int) -> tf.keras.initializers.Initializer:
     """The reference DLRM's table init: uniform(-sqrt(1/rows), sqrt(1/rows))."""
     bound = math.sqrt(1.0 / rows)
@@ -48,8 +56,9 @@ def part_initializers(spec: TableSpec) -> list:
     scale, U(-b, b) with b = 1/sqrt(rows) (mean 0, variance b^2 / 3 per value), and no two ids start alike:
 
     * full: that uniform (the reference's ``EmbeddingBag``);
-    * qr ``mult``: the quotient rows that uniform, the remainder rows U(-sqrt(3), sqrt(3)) (mean 0,
-      variance 1), so the product has mean 0 and variance b^2 / 3; qr ``add``: both parts
+    * qr ``mult``: the quotient rows that uniform, the remainder rows random signs (-1 or +1), so the
+      product is that uniform too, ids sharing a quotient row differ by their remainder's signs, and each
+      value's first steps are a plain table's (its quotient gradient is the gradient times +-1); qr ``add``: both parts
       U(-b / sqrt(2), b / sqrt(2)), so the sum has variance b^2 / 3; qr ``concat``: both that uniform
       (each half of the vector a plain table's).  The reference draws both parts from U(sqrt(1/rows), 1),
       all positive, where a sum starts near 1 per value, 16 x 40 times a plain table's for a 100k-row
@@ -60,7 +69,7 @@ def part_initializers(spec: TableSpec) -> list:
     plain = uniform(spec.rows)
     if spec.kind == "qr":
         if spec.operation == "mult":
-            return [plain, tf.keras.initializers.RandomUniform(-math.sqrt(3.0), math.sqrt(3.0))]
+            return [plain, RandomSigns()]
         if spec.operation == "add":
             half = bound / math.sqrt(2.0)
             return [tf.keras.initializers.RandomUniform(-half, half), tf.keras.initializers.RandomUniform(-half, half)]
