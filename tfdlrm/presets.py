@@ -84,6 +84,8 @@ class ModelConfig:
     md_temperature: Optional[float] = None
     md_threshold: int = 200
     md_round_dims: bool = False
+    # the tables' bytes at most: QR (qr_collisions, else 4) on the fewest, largest tables that fit it
+    memory_budget: Optional[int] = None
 
     @property
     def vector_dim(self) -> int:
@@ -163,11 +165,13 @@ class ModelConfig:
     def embedding_kind(self) -> str:
         """``full``, or the QR and MD settings that shape the tables (tfdlrm/tables.py), as one phrase."""
         kinds = []
-        if self.qr_collisions:
+        if self.qr_collisions and not self.memory_budget:
             kinds.append(f"qr {self.qr_operation} {self.qr_collisions} collisions over {self.qr_threshold} rows")
         if self.md_temperature:
             kinds.append(f"md temperature {self.md_temperature} over {self.md_threshold} rows"
                          + (" rounded" if self.md_round_dims else ""))
+        if self.memory_budget:
+            kinds.append(f"qr within a budget of {self.memory_budget:,} bytes")
         return " + ".join(kinds) or "full"
 
     def _table_problems(self) -> list[str]:
@@ -179,6 +183,8 @@ class ModelConfig:
         for name in ("qr_threshold", "md_threshold"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            problems.append(f"--memory-budget must be a positive number of bytes, got {self.memory_budget}")
         if self.md_temperature is not None and not 0 < self.md_temperature <= 1:
             problems.append(f"--md-temperature must be in (0, 1], got {self.md_temperature}")
         return problems
@@ -213,7 +219,7 @@ class ModelConfig:
         """Human-readable ``field: mine != theirs`` lines (for refusing mismatched checkpoints)."""
         out = []
         table_fields = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
-                        "md_round_dims")
+                        "md_round_dims", "memory_budget")
         if self.embedding_kind() != other.embedding_kind():
             out.append(f"embedding tables: {self.embedding_kind()} != {other.embedding_kind()}")
         for f in dataclasses.fields(self):

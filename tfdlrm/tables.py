@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from tfdlrm.errors import UserError
 from tfdlrm.presets import ModelConfig, default_feature_names, table_variable_name
 
 FLOAT_BYTES = 4
@@ -112,15 +113,22 @@ def table_options(config: ModelConfig) -> dict:
 
 
 TABLE_OPTIONS = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
-                 "md_round_dims")
+                 "md_round_dims", "memory_budget")
+DEFAULT_COLLISIONS = 4  # the reference's --qr-collisions default
 
 
 def specs_for(rows: Sequence[int], dim: int, feature_names: Optional[Sequence[str]] = None,
               qr_collisions: Optional[int] = None, qr_operation: str = "mult", qr_threshold: int = 200,
               md_temperature: Optional[float] = None, md_threshold: int = 200,
-              md_round_dims: bool = False) -> list[TableSpec]:
+              md_round_dims: bool = False, memory_budget: Optional[int] = None) -> list[TableSpec]:
     """The tables' specs for ``rows`` ids each, embedding dim ``dim`` and the QR/MD options (see the
-    module docstring; the values are checked by ``ModelConfig``)."""
+    module docstring; the values are checked by ``ModelConfig``).  With ``memory_budget`` (bytes of all
+    tables), QR with ``qr_collisions`` (default 4) goes to the largest tables, as few as fit the budget
+    (none if full tables fit; never to tables of ``qr_threshold`` rows or fewer); a budget that even QR
+    on every such table exceeds is a :class:`UserError`."""
+    if memory_budget:
+        return _within_budget(rows, dim, feature_names, memory_budget, qr_collisions or DEFAULT_COLLISIONS,
+                              qr_operation, qr_threshold, md_temperature, md_threshold, md_round_dims)
     rows = [int(r) for r in rows]
     names = list(feature_names) if feature_names is not None else default_feature_names(len(rows))
     vector = 2 * dim if qr_collisions and qr_operation == "concat" else dim
@@ -134,6 +142,24 @@ def specs_for(rows: Sequence[int], dim: int, feature_names: Optional[Sequence[st
         else:
             specs.append(TableSpec(name, n, "full", vector, vector))
     return specs
+
+
+def _within_budget(rows, dim, names, budget: int, collisions: int, operation: str, floor: int,
+                   md_temperature, md_threshold, md_round_dims) -> list[TableSpec]:
+    def specs(threshold: Optional[int]) -> list[TableSpec]:
+        return specs_for(rows, dim, names, collisions if threshold is not None else None, operation,
+                         threshold or 0, md_temperature, md_threshold, md_round_dims)
+
+    # thresholds from "no QR" down to the floor: each step puts QR on the next largest table(s)
+    candidates = [None] + sorted({int(r) for r in rows if int(r) > floor}, reverse=True)[1:] + [floor]
+    for threshold in candidates:
+        chosen = specs(threshold)
+        if sum(s.bytes for s in chosen) <= budget:
+            return chosen
+    least = sum(s.bytes for s in specs(floor))
+    raise UserError(f"--memory-budget {budget:,} bytes cannot hold the tables: QR with {collisions} collisions on "
+                    f"every table of more than {floor} rows still takes {least:,} bytes; raise the budget, "
+                    f"--qr-collisions or lower --qr-threshold")
 
 
 def embedding_parameter_count(config: ModelConfig) -> int:
@@ -158,7 +184,9 @@ def table_summary(config: ModelConfig, feature_names: Optional[Sequence[str]] = 
     lines = [f"{', '.join(features)}: {text}" + (f" each, {len(features)} tables" if len(features) > 1 else "")
              for text, features in alike.items()]
     lines.append(f"tables: {total:,} bytes, {full_bytes / max(total, 1):.2f}x smaller than full tables "
-                 f"({full_bytes:,} bytes)")
+                 f"({full_bytes:,} bytes)" + (f"; --memory-budget {config.memory_budget:,} bytes: QR on the "
+                                              f"{sum(s.kind == 'qr' for s in specs)} largest table(s)"
+                                              if config.memory_budget else ""))
     return lines
 
 

@@ -105,6 +105,8 @@ ROWS = [
     ("train/qr-collisions-one", ["train", "--qr-collisions", "1"], ["--qr-collisions must be at least 2"], {}),
     ("train/qr-concat-bottom-width", ["train", "--qr-collisions", "4", "--qr-operation", "concat"],
      ["2 x the embedding dim", "bottom MLP to end in 16"], {}),
+    ("train/memory-budget-too-small", ["train", "--preset", "kaggle", "--memory-budget", "1M"],
+     ["--memory-budget 1,048,576 bytes cannot hold the tables"], {}),
     ("train/md-temperature-out-of-range", ["train", "--md-temperature", "1.5"], ["--md-temperature must be in (0, 1]"],
      {}),
     # -- train: output

@@ -269,3 +269,26 @@ def test_the_memory_estimate_and_the_plan_count_what_each_part_creates():
     assert names[:3] == ["C1", "C2", "projection_C2"] and len(names) == 1 + 25 * 2
     assert sum(plan.bytes_per_device().values()) == (10_000 * 16 + 25 * (1_000_000 * 2 + 2 * 16)) * 4
     assert plan.feature_homes() == [plan.tables[0].home] + [plan.table(f"C{i}").home for i in range(2, 27)]
+
+
+def test_a_memory_budget_puts_qr_on_as_few_of_the_largest_tables_as_fit():
+    config = get_preset("kaggle", dense_norm="none").replace(table_rows=(1_000, 1_000_000, 50, 500_000, 100_000))
+    row = 16 * 4
+
+    def kinds(budget, **more):
+        specs = table_specs(config.replace(memory_budget=budget, **more))
+        return [s.kind for s in specs], sum(s.bytes for s in specs)
+
+    assert kinds(1_601_050 * row) == (["full"] * 5, 1_601_050 * row)  # full tables fit
+    # 60 MB: QR on the 1M-row table alone (250,000 + 4 rows) is enough
+    assert kinds(60_000_000) == (["full", "qr", "full", "full", "full"], (1_000 + 250_004 + 50 + 500_000 + 100_000) * row)
+    # 30 MB: the 1M, 500k and 100k tables (QR on the first two takes 30.5 MB)
+    assert kinds(30_000_000)[0] == ["full", "qr", "full", "qr", "qr"]
+    assert kinds(30_000_000, qr_collisions=60)[0] == ["full", "qr", "full", "qr", "full"]
+    with pytest.raises(UserError, match=r"--memory-budget 1,000,000 bytes cannot hold the tables: QR with 4 "
+                                        r"collisions on every table of more than 200 rows still takes"):
+        table_specs(config.replace(memory_budget=1_000_000))
+    # the model is built with the chosen tables, and counts what the choice says
+    small = small_config(memory_budget=21_000)
+    assert [s.kind for s in table_specs(small)][:4] == ["qr", "full", "qr", "full"]
+    assert build_model("dlrm", small).count_params() == parameter_count("dlrm", small)

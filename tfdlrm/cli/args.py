@@ -162,11 +162,14 @@ def add_table_args(p: argparse.ArgumentParser) -> None:
                    help="mixed dimensions with the reference's default temperature 0.3")
     g.add_argument("--md-threshold", type=int, metavar="N", help="MD for tables of more than N rows (default: 200)")
     g.add_argument("--md-round-dims", action="store_true", default=None, help="round MD widths to powers of two")
+    g.add_argument("--memory-budget", type=bytes_arg, metavar="SIZE",
+                   help="the embedding tables' bytes at most (e.g. 2G): QR (--qr-collisions, default 4) on the "
+                        "largest tables, as few as fit; train prints the choice")
 
 
 CONFIG_FLAGS = ("embedding_dim", "bottom_mlp", "top_mlp", "interaction", "self_interaction", "pooling",
                 "ids_per_lookup", "cross_layers", "deep_mlp", "cross_low_rank", "dense_norm", "qr_collisions",
-                "qr_operation", "qr_threshold", "md_temperature", "md_threshold", "md_round_dims")
+                "qr_operation", "qr_threshold", "md_temperature", "md_threshold", "md_round_dims", "memory_budget")
 
 
 def dense_norm_arg(text: str):

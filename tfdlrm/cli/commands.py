@@ -118,7 +118,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = get_preset(args.preset, rows=args.rows, **config_overrides(args))
     plan = plan_for(config, args.devices, args.budget, args.model)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    from tfdlrm.tables import table_summary
+
+    print(plan.format())
+    summary = table_summary(config)
+    if summary:
+        print(summary[-1])  # the tables' bytes against full tables (each part is a row above)
     return 0
 
 

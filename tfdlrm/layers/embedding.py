@@ -70,6 +70,8 @@ class EmbeddingTables(tf.keras.layers.Layer):
         ``--md-*``): with a temperature in (0, 1], every table of more than
         ``md_threshold`` rows gets a width by the alpha-power rule and a learned
         projection back to ``dim`` (``tfdlrm.tables.md_dims``).
+      memory_budget: Bytes of all tables at most: QR on the fewest, largest tables that
+        fit (``tfdlrm.tables.specs_for``).
 
     The layout of every table (``specs``), the variables it makes and how they start
     are in ``tfdlrm/tables.py`` and ``table_kinds.py``; ``tables`` lists the row
@@ -97,6 +99,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
         md_temperature: Optional[float] = None,
         md_threshold: int = 200,
         md_round_dims: bool = False,
+        memory_budget: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,7 +123,7 @@ class EmbeddingTables(tf.keras.layers.Layer):
         self.check_ids = bool(check_ids)
         self.options = dict(qr_collisions=qr_collisions, qr_operation=qr_operation, qr_threshold=int(qr_threshold),
                             md_temperature=md_temperature, md_threshold=int(md_threshold),
-                            md_round_dims=bool(md_round_dims))
+                            md_round_dims=bool(md_round_dims), memory_budget=memory_budget)
         self.specs = specs_for(rows, self.embedding_dim, names, **self.options)
         self.dim = self.specs[0].dim  # every vector's width
         self.all_full = all(spec.kind == "full" for spec in self.specs)
