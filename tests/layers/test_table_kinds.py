@@ -292,3 +292,18 @@ def test_a_memory_budget_puts_qr_on_as_few_of_the_largest_tables_as_fit():
     small = small_config(memory_budget=21_000)
     assert [s.kind for s in table_specs(small)][:4] == ["qr", "full", "qr", "full"]
     assert build_model("dlrm", small).count_params() == parameter_count("dlrm", small)
+
+
+def test_the_references_side_by_side_runs_get_its_own_qr_and_md_flags():
+    from tfdlrm.bench.reference import reference_table_flags
+
+    config = get_preset("kaggle", dense_norm="none")
+    assert reference_table_flags(config) == []
+    assert reference_table_flags(config.replace(qr_collisions=60, qr_operation="add")) == [
+        "--qr-flag", "--qr-collisions=60", "--qr-operation=add", "--qr-threshold=200"]
+    assert reference_table_flags(config.replace(md_temperature=0.3, md_threshold=0)) == [
+        "--md-flag", "--md-temperature=0.3", "--md-threshold=0"]
+    with pytest.raises(UserError, match="--md-threshold 0"):  # where the reference's --md-flag crashes
+        reference_table_flags(config.replace(md_temperature=0.3))
+    with pytest.raises(UserError, match="no --memory-budget"):
+        reference_table_flags(config.replace(memory_budget=10 ** 9))

@@ -58,6 +58,7 @@ class Reference:
                    "--top-mlp", "-".join(map(str, config.top_mlp))]
         if threads:
             command += ["--threads", str(threads)]
+        command += [flag for flag in reference_table_flags(config) if flag not in ("--qr-flag", "--md-flag")]
         done = self._run(command)
         if done.returncode != 0:
             raise UserError(f"the reference's run failed (exit {done.returncode}): {_last_line(done.stderr)}")
@@ -87,6 +88,7 @@ class Reference:
                    "--loss-function=bce", "--print-freq=10", "--print-time", "--nepochs=1"]
         if config.self_interaction:
             command.append("--arch-interaction-itself")
+        command += reference_table_flags(config)
         done = self._run(command, cwd=self.checkout)
         windows = [float(m) for m in re.findall(r"Finished training it \d+/\d+ of epoch \d+, ([0-9.]+) ms/it",
                                                 done.stdout)]
@@ -103,6 +105,26 @@ class Reference:
             return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise UserError(f"cannot run {command[0]}: {e}") from None
+
+
+def reference_table_flags(config) -> list:
+    """The reference's own flags for the config's QR or MD tables (tfdlrm/tables.py), so both sides
+    train the same tables; refused where the reference cannot: MD with a threshold (its --md-flag
+    crashes on tables at or below it), a --memory-budget (it has none)."""
+    if config.memory_budget:
+        raise UserError("the reference has no --memory-budget: give --qr-collisions and --qr-threshold")
+    flags = []
+    if config.qr_collisions:
+        flags += ["--qr-flag", f"--qr-collisions={config.qr_collisions}", f"--qr-operation={config.qr_operation}",
+                  f"--qr-threshold={config.qr_threshold}"]
+    if config.md_temperature:
+        if config.md_threshold != 0 or min(config.table_rows) <= config.md_threshold:
+            raise UserError("the reference's --md-flag crashes on tables at or below its threshold: use "
+                            "--md-threshold 0 for a side-by-side run")
+        flags += ["--md-flag", f"--md-temperature={config.md_temperature}", f"--md-threshold={config.md_threshold}"]
+        if config.md_round_dims:
+            flags.append("--md-round-dims")
+    return flags
 
 
 def _last_line(text: str) -> str:

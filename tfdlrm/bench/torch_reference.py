@@ -50,6 +50,12 @@ def main() -> int:
     p.add_argument("--top-mlp", default="512-256-1", help="without its input width")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--qr-collisions", type=int, default=0, help="the reference's QR tables (--qr-flag)")
+    p.add_argument("--qr-operation", default="mult")
+    p.add_argument("--qr-threshold", type=int, default=200)
+    p.add_argument("--md-temperature", type=float, default=0.0, help="the reference's MD tables (--md-flag)")
+    p.add_argument("--md-threshold", type=int, default=200)
+    p.add_argument("--md-round-dims", action="store_true")
     p.add_argument("--floor", action="store_true",
                    help="instead: PyTorch's MLP-only floor at --batch-size (tfdlrm/bench/floor.py's, in PyTorch)")
     p.add_argument("--tables", type=int, default=26, help="--floor: categorical features (the top MLP's input)")
@@ -75,9 +81,18 @@ def main() -> int:
     bottom = np.array([int(w) for w in args.bottom_mlp.split("-")])
     vectors = len(rows) + 1
     top = np.array([int(bottom[-1]) + vectors * (vectors - 1) // 2] + [int(w) for w in args.top_mlp.split("-")])
-    net = reference.DLRM_Net(m_spa=int(bottom[-1]), ln_emb=rows, ln_bot=bottom, ln_top=top,
+    dim = int(bottom[-1]) // (2 if args.qr_collisions and args.qr_operation == "concat" else 1)
+    m_spa = dim
+    if args.md_temperature:  # as the reference's main(): a width a table by its md_solver
+        from tricks.md_embedding_bag import md_solver
+
+        m_spa = md_solver(torch.tensor(rows), args.md_temperature, d0=dim, round_dim=args.md_round_dims).tolist()
+    net = reference.DLRM_Net(m_spa=m_spa, ln_emb=rows, ln_bot=bottom, ln_top=top,
                              arch_interaction_op="dot", arch_interaction_itself=False, sigmoid_bot=-1,
-                             sigmoid_top=len(top) - 2, loss_function="bce")
+                             sigmoid_top=len(top) - 2, loss_function="bce", qr_flag=bool(args.qr_collisions),
+                             qr_operation=args.qr_operation, qr_collisions=args.qr_collisions,
+                             qr_threshold=args.qr_threshold, md_flag=bool(args.md_temperature),
+                             md_threshold=args.md_threshold)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
 
     def batch_of(dense, sparse, i, n):
