@@ -1,9 +1,11 @@
-"""The command line in fresh processes: help, a real run, and one-line errors for bad input."""
+"""The command line: help and a real run in fresh processes; one-line errors for bad input in
+this process (``main`` with captured output: TensorFlow is loaded already)."""
 import json
 
 import pytest
 
 from tests.helpers import assert_clean_error, run_cli
+from tests.helpers.cli import run_main
 
 
 def test_help_lists_the_commands():
@@ -43,7 +45,7 @@ def test_train_runs_end_to_end_and_prints_exact_auc(tmp_path):
     (["train", "--no-such-flag"], ["unrecognized arguments"]),
 ])
 def test_bad_flags_give_one_line_errors(args, fragments):
-    assert_clean_error(run_cli(*args), *fragments)
+    assert_clean_error(run_main(args), *fragments)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -59,14 +61,14 @@ def test_bad_flags_give_one_line_errors(args, fragments):
     (["train", "--top-mlp", "32-2"], ["must end in 1"]),
 ])
 def test_bad_configurations_give_one_line_errors(args, fragments):
-    assert_clean_error(run_cli(*args), *fragments)
+    assert_clean_error(run_main(args), *fragments)
 
 
 def test_output_directory_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    assert_clean_error(run_cli("train", "--train-examples", "2048", "--eval-examples", "1024",
-                               "--out", str(blocker / "run")), "cannot write to output directory")
+    assert_clean_error(run_main(["train", "--train-examples", "2048", "--eval-examples", "1024",
+                                 "--out", str(blocker / "run")]), "cannot write to output directory")
 
 
 def test_presets_command_prints_the_paper_shapes():

@@ -1,11 +1,13 @@
-"""The Criteo commands in fresh processes: convert, train on converted and raw data, bench,
-and one-line errors."""
+"""The Criteo commands: convert and train on the real split, and bench, in fresh processes;
+train on raw files (twice, the second from the cache) and one-line errors in this process
+(``main`` with captured output: TensorFlow is loaded already)."""
 import json
 import subprocess
 
 import pytest
 
 from tests.helpers import assert_clean_error, run_cli
+from tests.helpers.cli import run_main
 from tests.helpers.criteo_rows import line, numbered_lines, write_lines
 
 
@@ -33,10 +35,10 @@ def test_train_on_raw_files_converts_once_into_the_cache(tmp_path):
     write_lines(tmp_path / "heldout.txt", numbered_lines(50, start=300))
     args = ("train", "--data", str(tmp_path / "train.txt"), "--eval-data", str(tmp_path / "heldout.txt"),
             "--cache-dir", str(tmp_path / "cache"), "--min-frequency", "2", "--batch-size", "100")
-    first = run_cli(*args)
+    first = run_main(args)
     assert first.returncode == 0, first.stderr
     assert "into the cache" in first.stdout and "300 train / 50 eval examples" in first.stdout
-    second = run_cli(*args)
+    second = run_main(args)
     assert second.returncode == 0, second.stderr
     assert "using the converted cache" in second.stdout and "into the cache" not in second.stdout
 
@@ -57,11 +59,11 @@ def test_a_bad_row_stops_convert_with_its_file_and_line(tmp_path):
     lines = numbered_lines(20)
     lines[11] = line(dense=["1.5"] + [1] * 12)
     write_lines(tmp_path / "train.txt", lines)
-    proc = run_cli("convert", "--input", str(tmp_path / "train.txt"), "--out", str(tmp_path / "ds"))
+    proc = run_main(["convert", "--input", str(tmp_path / "train.txt"), "--out", str(tmp_path / "ds")])
     assert_clean_error(proc, "train.txt line 12", "I1 is '1.5', not an integer", "--on-bad-row skip")
     assert not (tmp_path / "ds").exists()
-    proc = run_cli("convert", "--input", str(tmp_path / "train.txt"), "--out", str(tmp_path / "ds"),
-                   "--on-bad-row", "skip")
+    proc = run_main(["convert", "--input", str(tmp_path / "train.txt"), "--out", str(tmp_path / "ds"),
+                     "--on-bad-row", "skip"])
     assert proc.returncode == 0, proc.stderr
     assert "skipped" in proc.stdout and "train.txt line 12: I1 is '1.5'" in proc.stdout
 
@@ -77,7 +79,7 @@ def test_a_bad_row_stops_convert_with_its_file_and_line(tmp_path):
     (["train", "--hash-buckets", "10", "--min-frequency", "2"], ["not allowed with"]),
 ])
 def test_bad_flags_give_one_line_errors(args, fragments):
-    assert_clean_error(run_cli(*args), *fragments)
+    assert_clean_error(run_main(args), *fragments)
 
 
 @pytest.mark.parametrize("args, fragments", [

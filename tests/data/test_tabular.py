@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import assert_clean_error, run_cli
+from tests.helpers import assert_clean_error
+from tests.helpers.cli import run_main
 from tests.helpers.tables import SPEC, make_rows, write_table
 from tfdlrm.errors import UserError
 from tfdlrm.pipelines.reader import CriteoDataset
@@ -145,9 +146,9 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "spec.yaml").write_text(SPEC)
     write_table(tmp_path / "train.csv", make_rows(5, 4))
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    proc = run_cli("convert", "--features", str(tmp_path / "spec.yaml"), "--train", str(tmp_path / "other.csv"),
-                   "--out", str(tmp_path / "ds"))
+    proc = run_main(["convert", "--features", str(tmp_path / "spec.yaml"), "--train", str(tmp_path / "other.csv"),
+                     "--out", str(tmp_path / "ds")])
     assert_clean_error(proc, "other.csv has no column(s) bought, age, price, region, shop, labels")
-    proc = run_cli("convert", "--features", str(tmp_path / "spec.yaml"), "--train", str(tmp_path / "train.csv"),
-                   "--hash-buckets", "10", "--out", str(tmp_path / "ds"))
+    proc = run_main(["convert", "--features", str(tmp_path / "spec.yaml"), "--train", str(tmp_path / "train.csv"),
+                     "--hash-buckets", "10", "--out", str(tmp_path / "ds")])
     assert_clean_error(proc, "--hash-buckets applies to Criteo files")

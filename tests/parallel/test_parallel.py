@@ -2,7 +2,8 @@
 devices, checkpoints across device counts, parameter servers, and the commands.
 
 Logical devices must exist before TensorFlow starts, so multi-device checks run in
-fresh processes (tests/parallel/scenarios.py); this process has one CPU device.
+fresh processes (tests/parallel/scenarios.py); this process has one CPU device (the plan
+command and the errors found before any device is set up run here, through ``main``).
 """
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import REPO, assert_clean_error, run_cli
+from tests.helpers.cli import run_main
 from tests.parallel import scenarios
 from tfdlrm.errors import UserError
 from tfdlrm.layers.embedding import EmbeddingTables
@@ -259,7 +261,7 @@ def test_parameter_servers_hold_table_shards_and_all_are_updated():
 
 # -- commands ---------------------------------------------------------------------------------------------------------
 def test_plan_command_prints_each_table_and_bytes_per_device():
-    proc = run_cli("plan", "--preset", "tiny", "--devices", "3", "--json")
+    proc = run_main(["plan", "--preset", "tiny", "--devices", "3", "--json"])
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     from tfdlrm.presets import get_preset
@@ -267,7 +269,7 @@ def test_plan_command_prints_each_table_and_bytes_per_device():
     expected = plan_placement(get_preset("tiny").table_rows, 8, D[:3]).to_dict()
     assert printed["tables"] == expected["tables"] and printed["bytes_per_device"] == expected["bytes_per_device"]
     assert sorted(printed["bytes_per_device"].values()) == [256_000, 288_000, 288_000]
-    text = run_cli("plan", "--preset", "kaggle", "--rows", "100000", "--devices", "2", "--budget", "90MB")
+    text = run_main(["plan", "--preset", "kaggle", "--rows", "100000", "--devices", "2", "--budget", "90MB"])
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert any(line.split()[:4] == ["C1", "100,000", "6,400,000", "/device:CPU:0"] for line in lines), text.stdout
@@ -302,13 +304,18 @@ def test_bench_parallel_reports_one_two_and_four_devices():
     (["bench", "parallel", "--device-counts", "0,2"], ["device counts must be positive"]),
     (["server"], ["TF_CONFIG"]),
 ])
-def test_bad_parallel_input_gives_one_line_errors(args, fragments):
-    assert_clean_error(run_cli(*args, env={"TF_CONFIG": ""}), *fragments)
+def test_bad_parallel_input_gives_one_line_errors(args, fragments, monkeypatch):
+    if args[:3] == ["train", "--devices", "4"]:  # the plan is made once 4 devices exist: a fresh process
+        proc = run_cli(*args, env={"TF_CONFIG": ""})
+    else:  # refused before any device is set up: in this process
+        monkeypatch.setenv("TF_CONFIG", "")
+        proc = run_main(args)
+    assert_clean_error(proc, *fragments)
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
 def test_asking_for_a_gpu_on_a_cpu_machine_is_a_user_error():
-    assert_clean_error(run_cli("train", "--devices", "GPU:0,GPU:1"), "2 GPU(s)", "has 0")
+    assert_clean_error(run_main(["train", "--devices", "GPU:0,GPU:1"]), "2 GPU(s)", "has 0")
 
 
 @pytest.mark.slow

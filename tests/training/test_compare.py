@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import assert_clean_error, run_cli
+from tests.helpers import assert_clean_error
+from tests.helpers.cli import run_main
 from tfdlrm.compare import CURVES_PNG, REPORT_JSON, REPORT_MD, compare, format_table
 from tfdlrm.errors import UserError
 from tfdlrm.training.evaluate import predict_with_labels
@@ -157,7 +158,7 @@ def test_runs_must_share_data_and_budget():
     (["train", "--dense-norm", "dlrm=none"], ["for compare", "standardize or none"]),
 ])
 def test_compare_bad_input(args, fragments):
-    assert_clean_error(run_cli(*args), *fragments)
+    assert_clean_error(run_main(args), *fragments)
 
 
 def test_export_best_exports_each_models_best_run_once(finished, tmp_path):
@@ -178,7 +179,7 @@ def test_export_best_exports_each_models_best_run_once(finished, tmp_path):
 
 
 def test_compare_export_needs_out():
-    assert_clean_error(run_cli("compare", "--export"), "--export needs --out")
+    assert_clean_error(run_main(["compare", "--export"]), "--export needs --out")
 
 
 def test_the_report_says_where_early_stop_ended_a_run(finished):

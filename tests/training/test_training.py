@@ -71,7 +71,7 @@ def test_composite_optimizer_gives_tables_their_own_optimizer():
 
 def test_training_on_synthetic_data_learns_toward_the_teacher(tmp_path):
     spec = TrainSpec(model="dlrm", preset="tiny", data="synthetic", epochs=1, batch_size=256,
-                     optimizer="adagrad", lr=0.05, train_examples=150_000, eval_examples=30_000,
+                     optimizer="adagrad", lr=0.05, train_examples=75_000, eval_examples=30_000,
                      out=str(tmp_path / "run"), verbose=0)
     result = train(spec, log=lambda s: None)
     auc = result.evaluation.auc
@@ -83,7 +83,7 @@ def test_training_on_synthetic_data_learns_toward_the_teacher(tmp_path):
     assert meta["model"] == "dlrm" and meta["config"]["preset"] == "tiny"
     from tfdlrm.pipelines.sources import open_data
 
-    data = open_data("synthetic", get_preset("tiny"), train_examples=150_000, eval_examples=30_000)
+    data = open_data("synthetic", get_preset("tiny"), train_examples=75_000, eval_examples=30_000)
     again = evaluate(model, data.eval_dataset(4096))
     assert again.auc == pytest.approx(auc, abs=1e-6)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
