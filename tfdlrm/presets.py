@@ -171,7 +171,8 @@ class ModelConfig:
             kinds.append(f"md temperature {self.md_temperature} over {self.md_threshold} rows"
                          + (" rounded" if self.md_round_dims else ""))
         if self.memory_budget:
-            kinds.append(f"qr within a budget of {self.memory_budget:,} bytes")
+            kinds.append(f"qr {self.qr_operation} {self.qr_collisions or 4} collisions over {self.qr_threshold} rows "
+                         f"within a budget of {self.memory_budget:,} bytes")
         return " + ".join(kinds) or "full"
 
     def _table_problems(self) -> list[str]:
