@@ -56,7 +56,7 @@ def quantized_exports(tmp_path_factory):
                         min_frequency=2))
     run = root / "run"
     overrides = dict(qr_collisions=4, qr_threshold=500, md_temperature=0.3, md_threshold=0)
-    train(TrainSpec(model="dlrm", preset="tiny", data=str(data), steps_per_epoch=6, batch_size=256,
+    train(TrainSpec(model="dlrm", preset="tiny", data=str(data), steps_per_epoch=6, batch_size=256, xla="off",
                     optimizer="adagrad", lr=0.05, out=str(run), verbose=0, overrides=overrides), log=lambda s: None)
     exports = {bits: export_run(str(run), out=str(root / "saved"), quantize_bits=bits or None)
                for bits in (0, 8, 4)}
