@@ -38,6 +38,19 @@ LAST_BATCH = ("keep", "drop", "fold")  # an epoch's short last batch (pipelines/
 DENSE_NORMS = ("standardize", "none")
 # How a table's two parts make an id's vector under QR embeddings (tfdlrm/tables.py): the reference's names.
 QR_OPERATIONS = ("mult", "add", "concat")
+# The config fields that shape the tables (tfdlrm/tables.py), and the reference's defaults behind its
+# --qr-flag and --md-flag (also the collisions a --memory-budget uses when --qr-collisions is not given).
+TABLE_OPTIONS = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
+                 "md_round_dims", "memory_budget")
+QR_DEFAULT_COLLISIONS = 4
+MD_DEFAULT_TEMPERATURE = 0.3
+
+
+def qr_vector_dim(dim: int, qr_collisions: Optional[int], qr_operation: str,
+                  memory_budget: Optional[int] = None) -> int:
+    """Every feature's vector width: ``dim``, or twice it where QR tables may concatenate their parts
+    (QR on, or a budget that may turn it on): then every table is that wide, as the reference asks."""
+    return 2 * dim if (qr_collisions or memory_budget) and qr_operation == "concat" else dim
 
 
 
@@ -89,9 +102,8 @@ class ModelConfig:
 
     @property
     def vector_dim(self) -> int:
-        """The width of every feature's embedding vector: the embedding dim, or twice it where QR tables
-        concatenate their two parts (every table is then that wide, as the reference's check asks)."""
-        return 2 * self.embedding_dim if self.qr_collisions and self.qr_operation == "concat" else self.embedding_dim
+        """The width of every feature's embedding vector (:func:`qr_vector_dim`)."""
+        return qr_vector_dim(self.embedding_dim, self.qr_collisions, self.qr_operation, self.memory_budget)
 
     @property
     def num_dense(self) -> int:
@@ -171,7 +183,8 @@ class ModelConfig:
             kinds.append(f"md temperature {self.md_temperature} over {self.md_threshold} rows"
                          + (" rounded" if self.md_round_dims else ""))
         if self.memory_budget:
-            kinds.append(f"qr {self.qr_operation} {self.qr_collisions or 4} collisions over {self.qr_threshold} rows "
+            kinds.append(f"qr {self.qr_operation} {self.qr_collisions or QR_DEFAULT_COLLISIONS} collisions over "
+                         f"{self.qr_threshold} rows "
                          f"within a budget of {self.memory_budget:,} bytes")
         return " + ".join(kinds) or "full"
 
@@ -219,13 +232,11 @@ class ModelConfig:
     def differences(self, other: "ModelConfig") -> list[str]:
         """Human-readable ``field: mine != theirs`` lines (for refusing mismatched checkpoints)."""
         out = []
-        table_fields = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
-                        "md_round_dims", "memory_budget")
         if self.embedding_kind() != other.embedding_kind():
             out.append(f"embedding tables: {self.embedding_kind()} != {other.embedding_kind()}")
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name in table_fields:
+            if f.name in TABLE_OPTIONS:  # said once, as the kind of tables, above
                 continue
             if a != b:
                 if f.name == "table_rows" and len(a) == len(b):

@@ -24,10 +24,16 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from tfdlrm.errors import UserError
-from tfdlrm.presets import ModelConfig, default_feature_names, table_variable_name
+from tfdlrm.presets import (
+    QR_DEFAULT_COLLISIONS,
+    TABLE_OPTIONS,
+    ModelConfig,
+    default_feature_names,
+    qr_vector_dim,
+    table_variable_name,
+)
 
 FLOAT_BYTES = 4
-KINDS = ("full", "qr", "md")
 
 
 @dataclass(frozen=True)
@@ -112,11 +118,6 @@ def table_options(config: ModelConfig) -> dict:
     return {name: getattr(config, name) for name in TABLE_OPTIONS}
 
 
-TABLE_OPTIONS = ("qr_collisions", "qr_operation", "qr_threshold", "md_temperature", "md_threshold",
-                 "md_round_dims", "memory_budget")
-DEFAULT_COLLISIONS = 4  # the reference's --qr-collisions default
-
-
 def specs_for(rows: Sequence[int], dim: int, feature_names: Optional[Sequence[str]] = None,
               qr_collisions: Optional[int] = None, qr_operation: str = "mult", qr_threshold: int = 200,
               md_temperature: Optional[float] = None, md_threshold: int = 200,
@@ -126,12 +127,18 @@ def specs_for(rows: Sequence[int], dim: int, feature_names: Optional[Sequence[st
     tables), QR with ``qr_collisions`` (default 4) goes to the largest tables, as few as fit the budget
     (none if full tables fit; never to tables of ``qr_threshold`` rows or fewer); a budget that even QR
     on every such table exceeds is a :class:`UserError`."""
-    if memory_budget:
-        return _within_budget(rows, dim, feature_names, memory_budget, qr_collisions or DEFAULT_COLLISIONS,
-                              qr_operation, qr_threshold, md_temperature, md_threshold, md_round_dims)
     rows = [int(r) for r in rows]
     names = list(feature_names) if feature_names is not None else default_feature_names(len(rows))
-    vector = 2 * dim if qr_collisions and qr_operation == "concat" else dim
+    vector = qr_vector_dim(dim, qr_collisions, qr_operation, memory_budget)
+    if memory_budget:
+        return _within_budget(rows, dim, vector, names, memory_budget, qr_collisions or QR_DEFAULT_COLLISIONS,
+                              qr_operation, qr_threshold, md_temperature, md_threshold, md_round_dims)
+    return _layout(rows, dim, vector, names, qr_collisions, qr_operation, qr_threshold, md_temperature,
+                   md_threshold, md_round_dims)
+
+
+def _layout(rows, dim, vector, names, qr_collisions, qr_operation, qr_threshold, md_temperature, md_threshold,
+            md_round_dims) -> list[TableSpec]:
     md = md_dims(rows, md_temperature, dim, md_round_dims) if md_temperature else [dim] * len(rows)
     specs = []
     for name, n, d in zip(names, rows, md):
@@ -144,14 +151,14 @@ def specs_for(rows: Sequence[int], dim: int, feature_names: Optional[Sequence[st
     return specs
 
 
-def _within_budget(rows, dim, names, budget: int, collisions: int, operation: str, floor: int,
+def _within_budget(rows, dim, vector, names, budget: int, collisions: int, operation: str, floor: int,
                    md_temperature, md_threshold, md_round_dims) -> list[TableSpec]:
-    def specs(threshold: Optional[int]) -> list[TableSpec]:
-        return specs_for(rows, dim, names, collisions if threshold is not None else None, operation,
-                         threshold or 0, md_temperature, md_threshold, md_round_dims)
+    def specs(threshold: Optional[int]) -> list[TableSpec]:  # every vector ``vector`` wide, whatever the choice
+        return _layout(rows, dim, vector, names, collisions if threshold is not None else None, operation,
+                       threshold or 0, md_temperature, md_threshold, md_round_dims)
 
     # thresholds from "no QR" down to the floor: each step puts QR on the next largest table(s)
-    candidates = [None] + sorted({int(r) for r in rows if int(r) > floor}, reverse=True)[1:] + [floor]
+    candidates = [None] + sorted({r for r in rows if r > floor}, reverse=True)[1:] + [floor]
     for threshold in candidates:
         chosen = specs(threshold)
         if sum(s.bytes for s in chosen) <= budget:
@@ -172,7 +179,8 @@ def all_full(config: ModelConfig) -> bool:
 
 
 def table_summary(config: ModelConfig, feature_names: Optional[Sequence[str]] = None) -> list[str]:
-    """One line per table that is not full, then the totals; nothing when every table is full."""
+    """Each table's choice, a line per kind and shape (tables alike named together), then the total against
+    full tables; nothing when every table is full."""
     specs = table_specs(config, feature_names)
     if all(s.kind == "full" for s in specs):
         return []

@@ -293,6 +293,12 @@ def test_a_memory_budget_puts_qr_on_as_few_of_the_largest_tables_as_fit():
     small = small_config(memory_budget=21_000)
     assert [s.kind for s in table_specs(small)][:4] == ["qr", "full", "qr", "full"]
     assert build_model("dlrm", small).count_params() == parameter_count("dlrm", small)
+    # concat: every vector is 2 x dim whether the budget picks QR or not, as the config's vector_dim says
+    (x, _), = batches(small_config(), n=4, count=1)
+    for budget in (21_000 * 2, 10 ** 9):
+        wide = small_config(memory_budget=budget, qr_operation="concat", bottom_mlp=(13, 32, 16))
+        assert {s.dim for s in table_specs(wide)} == {wide.vector_dim} == {16}
+        assert build_model("dlrm", wide)(x).shape == (4, 1)
 
 
 def test_the_references_side_by_side_runs_get_its_own_qr_and_md_flags():

@@ -10,11 +10,13 @@ from tfdlrm.presets import (
     AUTO,
     DENSE_NORMS,
     LAST_BATCH,
+    MD_DEFAULT_TEMPERATURE,
     MIXED_PRECISIONS,
     MODEL_NAMES,
     OPTIMIZER_NAMES,
     PARALLEL_MODES,
     PRESET_NAMES,
+    QR_DEFAULT_COLLISIONS,
     QR_OPERATIONS,
     SHUFFLES,
     XLA_MODES,
@@ -195,9 +197,9 @@ def config_overrides(args: argparse.Namespace, model: Optional[str] = None) -> d
     values per model (``dlrm=none,...``; a model it leaves out keeps the default)."""
     out = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None}
     if getattr(args, "qr_flag", False):
-        out.setdefault("qr_collisions", 4)
+        out.setdefault("qr_collisions", QR_DEFAULT_COLLISIONS)
     if getattr(args, "md_flag", False):
-        out.setdefault("md_temperature", 0.3)
+        out.setdefault("md_temperature", MD_DEFAULT_TEMPERATURE)
     if isinstance(out.get("dense_norm"), dict):
         if model is None:
             raise UserError("--dense-norm MODEL=VALUE,... is for compare (with --mixed-inputs); "
