@@ -288,10 +288,10 @@ class EmbeddingTables(tf.keras.layers.Layer):
         if bits is None:
             self.quantized = None
             return []
-        from tfdlrm.layers.quantized import QuantizedRows, quantized_row_bytes
+        from tfdlrm.layers.quantized import QuantizedRows, quantized_row_bytes, variable_name
 
         self.quantized = [
-            QuantizedRows(table.numpy(), bits, name=table.name.split("/")[-1].split(":")[0])
+            QuantizedRows(table.numpy(), bits, name=variable_name(table))
             if quantized_row_bytes(int(table.shape[1]), bits) < 4 * int(table.shape[1]) else None
             for table in self.tables]
         return self.quantized

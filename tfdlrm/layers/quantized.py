@@ -14,6 +14,11 @@ import tensorflow as tf
 BITS = (8, 4)
 
 
+def variable_name(variable) -> str:
+    """``table_C1`` for the variable ``sparse_arch/table_C1:0``."""
+    return variable.name.split("/")[-1].split(":")[0]
+
+
 def quantized_row_bytes(width: int, bits: int) -> int:
     """Bytes of one quantized row of ``width`` values: its codes, scale and bias."""
     return (width if bits == 8 else (width + 1) // 2) + (8 if bits == 8 else 4)

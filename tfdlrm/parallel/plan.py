@@ -12,7 +12,7 @@ from tfdlrm.errors import UserError
 from tfdlrm.parallel.devices import device_names
 from tfdlrm.presets import ModelConfig, table_variable_name
 from tfdlrm.sizes import dense_parameter_count
-from tfdlrm.tables import all_full, table_specs
+from tfdlrm.tables import table_specs
 
 BYTES_PER_VALUE = 4  # float32 tables
 
@@ -209,11 +209,8 @@ def plan_for(config: ModelConfig, devices, budget: Optional[int] = None, model: 
     """The placement plan of a model config over ``devices`` (a count or a list)."""
     names = devices if isinstance(devices, list) and all(str(d).startswith("/device:") for d in devices) \
         else device_names(devices)
-    if all_full(config):
-        return plan_placement(config.table_rows, config.embedding_dim, names, budget,
-                              dense_bytes=dense_parameter_count(config, model) * BYTES_PER_VALUE)
-    # QR and MD tables: every part (a QR table's quotient and remainder, an MD table's rows and projection)
-    # placed like a table of its own
+    # every table variable placed like a table: a full table, a QR table's quotient and remainder, an MD
+    # table's rows and projection
     parts = [(spec.feature, part) for spec in table_specs(config) for part in spec.parts]
     prefix = table_variable_name("")
     return plan_placement([p.rows for _, p in parts], [p.width for _, p in parts], names, budget,

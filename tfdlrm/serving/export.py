@@ -263,14 +263,15 @@ def _export(run_dir: str, base: Path, version: Optional[int], force: bool, datas
     checkpoint = chosen_checkpoint.prefix
     features, info = serving_features(meta, model.config, dataset)
     if quantize_bits:
+        from tfdlrm.layers.quantized import variable_name
+
         tables = model.sparse_arch.tables
-        float_bytes = sum(int(np.prod(t.shape)) * 4 for t in tables)
+        float_bytes = [int(np.prod(t.shape)) * t.dtype.size for t in tables]
         quantized = model.sparse_arch.quantize(quantize_bits)
         info["quantized_embeddings"] = {
-            "bits": quantize_bits, "float_table_bytes": float_bytes,
-            "quantized_table_bytes": sum(q.bytes if q is not None else int(np.prod(t.shape)) * 4
-                                         for q, t in zip(quantized, tables)),
-            "tables_kept_float32": [t.name.split("/")[-1].split(":")[0] for q, t in zip(quantized, tables) if q is None]}
+            "bits": quantize_bits, "float_table_bytes": sum(float_bytes),
+            "quantized_table_bytes": sum(q.bytes if q is not None else b for q, b in zip(quantized, float_bytes)),
+            "tables_kept_float32": [variable_name(t) for q, t in zip(quantized, tables) if q is None]}
     _prepare_base(base)  # only now: an export that cannot start leaves no directory behind
     held.enter_context(hold(base, what=f"export base {base}", hint="wait for that export to finish, or use another "
                                                                     "--out"))
