@@ -207,7 +207,8 @@ def _free_port() -> int:
 
 
 def ps_cluster(args: dict) -> dict:
-    """2 workers and 2 parameter servers in this process, on 127.0.0.1; this process is the chief."""
+    """2 workers and 2 parameter servers in this process, on 127.0.0.1 of its private network namespace
+    (``main`` enters it); this process is the chief."""
     import numpy as np
     import tensorflow as tf
 
@@ -258,6 +259,14 @@ def main() -> None:
     name, devices, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")
     if devices != "cluster":
         configure_devices(int(devices))  # before TensorFlow starts
+    else:  # the servers' ports private to this process (before TensorFlow starts any thread)
+        from tfdlrm.parallel.netns import NoPrivateNetwork, enter_private_network
+
+        try:
+            enter_private_network()
+        except NoPrivateNetwork as e:
+            print("RESULT " + json.dumps({"skip": f"no private network here: {e}"}), flush=True)
+            return
     result = SCENARIOS[name](args)
     print("RESULT " + json.dumps(result), flush=True)
     sys.stdout.flush()

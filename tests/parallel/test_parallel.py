@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -245,6 +244,8 @@ def test_a_checkpoint_from_one_device_resumes_on_two_with_a_row_split_table(tmp_
 
 def test_parameter_servers_hold_table_shards_and_all_are_updated():
     result = run_scenario("ps_cluster", "cluster", timeout=240)
+    if "skip" in result:
+        pytest.skip(result["skip"])
     shards = result["shards"]
     assert {s["table"] for s in shards} == set(range(26))
     for table in range(26):
@@ -316,43 +317,3 @@ def test_bad_parallel_input_gives_one_line_errors(args, fragments, monkeypatch):
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
 def test_asking_for_a_gpu_on_a_cpu_machine_is_a_user_error():
     assert_clean_error(run_main(["train", "--devices", "GPU:0,GPU:1"]), "2 GPU(s)", "has 0")
-
-
-@pytest.mark.slow
-def test_ps_on_separate_processes_through_the_command_line(tmp_path):
-    """docs/parallelism.md's recipe on one host: 2 ps and 2 workers (`tfdlrm server`), the chief trains."""
-    cluster = {"chief": [f"127.0.0.1:{scenarios._free_port()}"],
-               "worker": [f"127.0.0.1:{scenarios._free_port()}" for _ in range(2)],
-               "ps": [f"127.0.0.1:{scenarios._free_port()}" for _ in range(2)]}
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("TF_USE_LEGACY_KERAS", None)
-    servers = []
-    try:
-        for job in ("ps", "worker"):
-            for index in range(2):
-                task = dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": job, "index": index}}))
-                servers.append(subprocess.Popen([sys.executable, "-m", "tfdlrm", "server"], env=task, cwd=REPO,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-        for server in servers:  # each prints one line once it serves
-            assert "serving at" in server.stdout.readline()
-        chief = json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})
-        proc = run_cli("train", "--parallel", "ps", "--steps-per-epoch", "3", "--epochs", "2", "--train-examples",
-                       "20480", "--eval-examples", "2048", "--batch-size", "256", "--optimizer", "adagrad",
-                       "--lr", "0.05", "--out", str(tmp_path / "run"), env={"TF_CONFIG": chief}, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "parameter servers: 2 worker(s), 2 ps" in proc.stdout and "dlrm held-out: exact AUC" in proc.stdout
-        model, _ = load_run(str(tmp_path / "run"))  # sharded on the servers, whole here
-        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-        from tfdlrm.pipelines.sources import open_data
-        from tfdlrm.presets import get_preset
-        from tfdlrm.training.evaluate import evaluate
-
-        data = open_data("synthetic", get_preset("tiny"), train_examples=20480, eval_examples=2048)
-        assert evaluate(model, data.eval_dataset(1024)).logloss == pytest.approx(
-            metrics["evaluation"]["logloss"], abs=1e-6)
-    finally:
-        for server in servers:
-            server.kill()
-        deadline = time.time() + 30
-        for server in servers:
-            server.wait(timeout=max(deadline - time.time(), 1))

@@ -1,6 +1,8 @@
 """The argument parser: every command and its flags (``python -m tfdlrm --help``)."""
 from __future__ import annotations
 
+import argparse
+
 from tfdlrm.cli.args import (
     Parser,
     add_data_args,
@@ -23,6 +25,7 @@ from tfdlrm.cli.commands import (
     cmd_bench_pipeline,
     cmd_bench_serving,
     cmd_bench_train,
+    cmd_cluster,
     cmd_compare,
     cmd_convert,
     cmd_export,
@@ -357,4 +360,23 @@ def build_parser() -> Parser:
                        description="Start the tf.distribute.Server of the task named in TF_CONFIG (a worker "
                                    "or ps) and serve until killed; the chief runs train --parallel ps.")
     p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser(
+        "cluster", help="a --parallel ps cluster on this host: servers, workers and the chief as processes",
+        description="Start --ps parameter servers and --workers workers as separate processes on 127.0.0.1 "
+                    "(free ports, inside a private network namespace so no port is reachable from outside "
+                    "this host), run the chief's `train` given after --, stream the servers' output "
+                    "prefixed with their names, and stop them all when the chief ends or on Ctrl-C. "
+                    "Example: tfdlrm cluster --workers 2 --ps 2 -- train --steps-per-epoch 100 --epochs 2")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--ps", type=positive_int, default=2, help="parameter-server processes (default: 2)")
+    p.add_argument("--memory-per-process", metavar="SIZE",
+                   help="cap each process's private memory (RLIMIT_DATA), e.g. 3GiB (default: no cap)")
+    p.add_argument("--open-ports", action="store_true",
+                   help="where no private network namespace can be made, run anyway with the servers' ports "
+                        "open on every interface (TensorFlow's servers authenticate no one)")
+    p.add_argument("--ready-timeout", type=positive_int, default=300, metavar="S",
+                   help="seconds the servers get to start (default: 300)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- train ARGS... (the chief's command)")
+    p.set_defaults(func=cmd_cluster, parse_chief=lambda argv: build_parser().parse_args(argv))
     return parser

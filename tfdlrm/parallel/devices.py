@@ -8,6 +8,10 @@ from typing import Optional
 from tfdlrm.errors import UserError
 from tfdlrm.presets import PARALLEL_MODES
 
+# Set by ``tfdlrm cluster`` (tfdlrm/parallel/cluster.py) for the processes it starts: "private" (a
+# network namespace of their own) or "open" (--open-ports).
+NETWORK_ENV = "TFDLRM_CLUSTER_NETWORK"
+
 _DEVICE = re.compile(r"^(?:/?(?:job:[^/]+/)?(?:replica:\d+/)?(?:task:\d+/)?(?:device:)?)?(cpu|gpu):(\d+)$", re.I)
 
 
@@ -60,23 +64,23 @@ def device_names(devices) -> list[str]:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 
 
-def parse_bytes(text) -> int:
-    """``--budget``: bytes, or with a unit: ``512MiB``, ``2GiB`` (1024-based), ``500MB`` (1000-based)."""
+def parse_bytes(text, flag: str = "--budget") -> int:
+    """``--budget`` (or ``flag``): bytes, or with a unit: ``512MiB``, ``2GiB`` (1024-based), ``500MB`` (1000-based)."""
     if isinstance(text, int):
         value = text
     else:
         match = _SIZE.match(str(text))
         if not match:
-            raise UserError(f"--budget: expected bytes such as 1000000, 512MiB or 2GB, got {text!r}")
+            raise UserError(f"{flag}: expected bytes such as 1000000, 512MiB or 2GB, got {text!r}")
         number, unit = float(match.group(1)), (match.group(2) or "").lower()
         scale = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2,
                  "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4,
                  "tb": 1000 ** 4, "tib": 1024 ** 4}.get(unit)
         if scale is None:
-            raise UserError(f"--budget: unknown unit in {text!r}; use B, KiB, MiB, GiB (or KB, MB, GB)")
+            raise UserError(f"{flag}: unknown unit in {text!r}; use B, KiB, MiB, GiB (or KB, MB, GB)")
         value = int(number * scale)
     if value <= 0:
-        raise UserError(f"--budget must be a positive number of bytes, got {text!r}")
+        raise UserError(f"{flag} must be a positive number of bytes, got {text!r}")
     return value
 
 
@@ -126,4 +130,33 @@ def check_tf_config() -> dict:
         if kind in cluster and not (isinstance(index, int) and 0 <= index < len(cluster[kind])):
             raise UserError(f"TF_CONFIG's task index {index!r} is outside its {kind!r} job "
                             f"({len(cluster[kind])} task(s))")
+    check_cluster_addresses(cluster, loopback_only=bool(os.environ.get(NETWORK_ENV)))
     return config
+
+
+def check_cluster_addresses(cluster: dict, loopback_only: bool = False) -> None:
+    """Every ``host:port`` of a TF_CONFIG cluster names a port and a host that resolves, no two tasks
+    share one, and (for ``tfdlrm cluster``, which runs on one host) each host is a loopback address."""
+    import ipaddress
+    import socket
+
+    seen = {}
+    for job, addresses in cluster.items():
+        for index, address in enumerate(addresses):
+            task = f"{job} {index}"
+            host, _, port = address.rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UserError(f"TF_CONFIG's {task} address {address!r} is not host:port")
+            if address in seen:
+                raise UserError(f"TF_CONFIG names {address} for both {seen[address]} and {task}: each task needs "
+                                f"its own host:port")
+            seen[address] = task
+            try:
+                found = {info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)}
+            except (socket.gaierror, UnicodeError) as e:
+                raise UserError(f"TF_CONFIG's {task} host {host!r} does not resolve "
+                                f"({getattr(e, 'strerror', None) or e})") from None
+            if loopback_only and not all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in found):
+                raise UserError(f"tfdlrm cluster runs on this host only, but TF_CONFIG's {task} is {address} "
+                                f"({', '.join(sorted(found))}), not a loopback address")

@@ -7,7 +7,7 @@ import threading
 from typing import Optional
 
 from tfdlrm.errors import UserError
-from tfdlrm.parallel.devices import check_tf_config
+from tfdlrm.parallel.devices import NETWORK_ENV, check_tf_config
 
 _TABLE_CREATION = threading.local()  # .active: the variable being created is a table
 
@@ -94,6 +94,7 @@ def run_server(cluster_resolver=None) -> None:
         raise UserError(f"tfdlrm server runs a 'worker' or 'ps' task; TF_CONFIG's task is {task_type!r} "
                         f"(the chief runs tfdlrm train --parallel ps)")
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+    print(listening_notice(task_type, task_id, cluster_resolver.cluster_spec().as_dict()), flush=True)
     try:
         server = tf.distribute.Server(cluster_resolver.cluster_spec(), job_name=task_type, task_index=task_id,
                                       protocol=cluster_resolver.rpc_layer or "grpc", start=True)
@@ -103,3 +104,15 @@ def run_server(cluster_resolver=None) -> None:
         raise UserError(f"cannot start the {task_type} {task_id} server: {io_error_text(e)}") from None
     print(f"tfdlrm: {task_type} {task_id} serving at {server.target}", flush=True)
     server.join()
+
+
+def listening_notice(task_type: str, task_id: int, cluster: dict) -> str:
+    """What ``tfdlrm server`` prints before it serves: its port, and who can reach it."""
+    port = cluster[task_type][task_id].rpartition(":")[2]
+    if os.environ.get(NETWORK_ENV) == "private":
+        return (f"tfdlrm: {task_type} {task_id} listens on port {port} inside tfdlrm cluster's private network "
+                f"namespace (reachable from the cluster's own processes only)")
+    return (f"tfdlrm: {task_type} {task_id} listens on port {port} on EVERY network interface of this host. "
+            f"TensorFlow's gRPC server authenticates no one: whoever reaches port {port} can run any TensorFlow "
+            f"op in this process, reading and writing files as this user. Let only the cluster's hosts reach it "
+            f"(a firewall or a private network: docs/parallelism.md, Security).")

@@ -1,0 +1,239 @@
+"""``tfdlrm cluster`` and the private network of a one-host cluster (tfdlrm/parallel/cluster.py,
+netns.py): its ports accept no connection from this host's own addresses, only from inside;
+the chief's TF_CONFIG checks; bad input refused before any process starts; no process left."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.helpers import REPO, assert_clean_error
+from tests.helpers.cli import run_main
+from tfdlrm.errors import UserError
+from tfdlrm.parallel import cluster as cluster_module
+from tfdlrm.parallel.devices import NETWORK_ENV, check_cluster_addresses
+from tfdlrm.parallel.netns import NoPrivateNetwork
+from tfdlrm.parallel.ps import listening_notice
+from tfdlrm.training.rundir import load_run
+
+
+def host_addresses() -> list[str]:
+    """This host's own addresses other than loopback (``ip -o addr``, else its name's)."""
+    found = set()
+    try:
+        text = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+        found = {m.group(1) for m in re.finditer(r"\binet6? ([0-9a-fA-F.:]+)/", text)}
+    except OSError:
+        found = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return sorted(a for a in found if not (a.startswith("127.") or a == "::1" or a.lower().startswith("fe80")))
+
+
+def accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+LISTENER = """
+import socket, sys
+sys.path.insert(0, {repo!r})
+if {private}:
+    from tfdlrm.parallel.netns import enter_private_network
+    enter_private_network()
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 0))  # every interface, as TensorFlow's servers bind
+s.listen()
+port = s.getsockname()[1]
+socket.create_connection(("127.0.0.1", port), timeout=3).close()
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+
+def start_listener(private: bool):
+    proc = subprocess.Popen([sys.executable, "-c", LISTENER.format(repo=str(REPO), private=private)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.strip():
+        proc.kill()
+        message = proc.stderr.read().strip().splitlines()
+        pytest.skip(f"no private network here: {message[-1] if message else 'the listener died'}")
+    return proc, int(line)
+
+
+def test_a_private_network_hides_a_port_bound_on_every_interface():
+    addresses = host_addresses() + ["127.0.0.1"]
+    assert len(addresses) > 1, "this host has no address but loopback: nothing to show"
+    open_proc, open_port = start_listener(private=False)
+    private_proc, private_port = start_listener(private=True)  # it connected to itself inside
+    try:
+        # the control: the same listener outside a namespace is reachable on every address
+        assert all(accepts(a, open_port) for a in addresses), addresses
+        assert not any(accepts(a, private_port) for a in addresses), addresses
+    finally:
+        for proc in (open_proc, private_proc):
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_no_private_network_is_refused_unless_open_ports_is_asked(monkeypatch):
+    def refuse():
+        raise NoPrivateNetwork("a network namespace needs root (Operation not permitted)")
+
+    monkeypatch.setattr(cluster_module, "enter_private_network", refuse)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="private network .* needs root.*--open-ports"):
+        cluster_module.run_cluster(["train"], workers=1, ps=1)
+
+
+def test_tf_config_addresses_are_checked_before_connecting(monkeypatch):
+    good = {"chief": ["127.0.0.1:2000"], "worker": ["localhost:2001"], "ps": ["[::1]:2002"]}
+    check_cluster_addresses(good, loopback_only=True)
+    check_cluster_addresses({"worker": ["192.0.2.7:2001"], "ps": ["127.0.0.1:2002"]})  # multi-host: any address
+    with pytest.raises(UserError, match="names 127.0.0.1:2001 for both worker 0 and ps 0"):
+        check_cluster_addresses({"worker": ["127.0.0.1:2001"], "ps": ["127.0.0.1:2001"]})
+    with pytest.raises(UserError, match="ps 0 host 'no-such-host.invalid' does not resolve"):
+        check_cluster_addresses({"worker": ["127.0.0.1:2001"], "ps": ["no-such-host.invalid:2002"]})
+    with pytest.raises(UserError, match="worker 0 address '127.0.0.1' is not host:port"):
+        check_cluster_addresses({"worker": ["127.0.0.1"]})
+    with pytest.raises(UserError, match="runs on this host only, but TF_CONFIG's worker 1 is 192.0.2.7:2001"):
+        check_cluster_addresses({"worker": ["127.0.0.1:2000", "192.0.2.7:2001"]}, loopback_only=True)
+    # through the commands: a server and the chief both check, one line each, before any connection
+    twice = {"cluster": {"worker": ["127.0.0.1:2001"], "ps": ["127.0.0.1:2001"]}, "task": {"type": "ps", "index": 0}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(twice))
+    assert_clean_error(run_main(["server"]), "127.0.0.1:2001 for both worker 0 and ps 0")
+    remote = {"cluster": {"worker": ["192.0.2.7:2001"], "ps": ["127.0.0.1:2002"]}, "task": {"type": "chief"}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(remote))
+    monkeypatch.setenv(NETWORK_ENV, "private")
+    assert_clean_error(run_main(["train", "--parallel", "ps", "--steps-per-epoch", "2"]),
+                       "worker 0 is 192.0.2.7:2001", "not a loopback address")
+
+
+def test_the_server_says_who_can_reach_its_port(monkeypatch):
+    cluster = {"worker": ["127.0.0.1:2001"], "ps": ["10.0.0.5:2222"]}
+    monkeypatch.delenv(NETWORK_ENV, raising=False)
+    text = listening_notice("ps", 0, cluster)
+    for fragment in ("port 2222", "EVERY network interface", "authenticates no one", "cluster's hosts",
+                     "docs/parallelism.md, Security"):
+        assert fragment in text, text
+    monkeypatch.setenv(NETWORK_ENV, "private")
+    assert "port 2001 inside tfdlrm cluster's private network namespace" in listening_notice("worker", 0, cluster)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["cluster", "--", "evaluate"], ["-- train ARGS", "'evaluate'"]),
+    (["cluster"], ["-- train ARGS", "nothing"]),
+    (["cluster", "--", "train", "--parallel", "mirrored", "--steps-per-epoch", "2"], ["drop --parallel mirrored"]),
+    (["cluster", "--", "train", "--devices", "2", "--steps-per-epoch", "2"], ["drop --devices"]),
+    (["cluster", "--", "train"], ["--steps-per-epoch"]),
+    (["cluster", "--memory-per-process", "lots", "--", "train", "--steps-per-epoch", "2"],
+     ["--memory-per-process", "'lots'"]),
+    (["cluster", "--workers", "0", "--", "train", "--steps-per-epoch", "2"], ["--workers", "'0'"]),
+    (["cluster", "--", "train", "--no-such-flag"], ["--no-such-flag"]),
+])
+def test_bad_cluster_input_is_refused_before_any_process_starts(args, fragments, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert_clean_error(run_main(args), *fragments)
+
+
+def test_a_cluster_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["10.0.0.1:2000"]}}))
+    assert_clean_error(run_main(["cluster", "--", "train", "--steps-per-epoch", "2"]), "unset TF_CONFIG")
+
+
+def launcher_env(mark: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TFDLRM_TEST_MARK=mark)
+    for name in ("TF_USE_LEGACY_KERAS", "TF_CONFIG", NETWORK_ENV):
+        env.pop(name, None)
+    return env
+
+
+def processes_marked(mark: str) -> list[int]:
+    """Live processes whose environment carries ``mark`` (the launcher's children inherit it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if f"TFDLRM_TEST_MARK={mark}".encode() in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_server_that_dies_at_start_stops_the_cluster_in_one_line():
+    mark = uuid.uuid4().hex
+    proc = subprocess.run([sys.executable, "-m", "tfdlrm", "cluster", "--workers", "1", "--ps", "1",
+                           "--memory-per-process", "100MB", "--", "train", "--steps-per-epoch", "2"],
+                          env=launcher_env(mark), cwd=REPO, capture_output=True, text=True, timeout=120)
+    if "private network" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert_clean_error(proc, "server exited at start", "capped at 100,000,000 bytes")
+    assert proc.returncode == 2
+    assert processes_marked(mark) == []
+
+
+@pytest.mark.slow
+def test_cluster_trains_with_its_ports_private_and_leaves_no_process(tmp_path):
+    """docs/parallelism.md's one-host cluster: 2 ps and 2 workers as `tfdlrm server` processes in a
+    private network namespace; while it runs, no port answers on this host's addresses but each does
+    inside; the chief trains, and at the end every process is gone."""
+    mark = uuid.uuid4().hex
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tfdlrm", "cluster", "--workers", "2", "--ps", "2", "--", "train",
+         "--steps-per-epoch", "3", "--epochs", "2", "--train-examples", "20480", "--eval-examples", "2048",
+         "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05", "--out", str(tmp_path / "run")],
+        env=launcher_env(mark), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("tfdlrm cluster:")):
+            line = launcher.stdout.readline()
+            if not line:
+                err = launcher.stderr.read()
+                if "private network" in err:
+                    pytest.skip(err.strip())
+                raise AssertionError("".join(lines) + err)
+            lines.append(line)
+        tasks = re.findall(r"(ps|worker) (\d) 127\.0\.0\.1:(\d+) \(pid (\d+)\)", lines[-1])
+        assert sorted((job, int(i)) for job, i, _, _ in tasks) == [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)]
+        assert "private network namespace" in lines[-1]
+        for job, index, port, pid in tasks:  # each said where it listens, then that it serves
+            said = [line for line in lines if line.startswith(f"[{job} {index}] ")]
+            assert f"listens on port {port} inside" in said[0] and "serving at" in said[1], said
+        for address in host_addresses() + ["127.0.0.1"]:
+            assert not any(accepts(address, int(port)) for _, _, port, _ in tasks), address
+        if os.geteuid() == 0:  # inside the servers' namespace each port answers
+            probe = "import socket, sys; [socket.create_connection(('127.0.0.1', int(p)), timeout=3).close() " \
+                    "for p in sys.argv[1:]]; print('inside: all accept')"
+            inside = subprocess.run(["nsenter", f"--net=/proc/{tasks[0][3]}/ns/net", sys.executable, "-c", probe,
+                                     *[port for _, _, port, _ in tasks]], capture_output=True, text=True, timeout=30)
+            assert "inside: all accept" in inside.stdout, inside.stderr
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=30)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "parameter servers: 2 worker(s), 2 ps" in out and "dlrm held-out: exact AUC" in out
+    deadline = time.time() + 10
+    while processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_marked(mark) == []
+    model, _ = load_run(str(tmp_path / "run"))  # sharded on the servers, whole here
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    from tfdlrm.pipelines.sources import open_data
+    from tfdlrm.presets import get_preset
+    from tfdlrm.training.evaluate import evaluate
+
+    data = open_data("synthetic", get_preset("tiny"), train_examples=20480, eval_examples=2048)
+    assert evaluate(model, data.eval_dataset(1024)).logloss == pytest.approx(
+        metrics["evaluation"]["logloss"], abs=1e-6)
