@@ -138,7 +138,8 @@ def test_the_checks_find_a_loop_and_an_upward_edge():
 
 
 @pytest.mark.parametrize("module", ["tfdlrm.presets", "tfdlrm.tables", "tfdlrm.sizes", "tfdlrm.parallel.devices",
-                                    "tfdlrm.parallel.plan", "tfdlrm.cli.parser"])
+                                    "tfdlrm.parallel.plan", "tfdlrm.parallel.netns", "tfdlrm.parallel.cluster",
+                                    "tfdlrm.cli.parser"])
 def test_config_and_placement_import_no_tensorflow(module):
     code = f"import sys, {module}; sys.exit(1 if 'tensorflow' in sys.modules else 0)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def newest_version(base: Path) -> Path:
+    if not base.is_dir():
+        sys.exit(f"error: {base} is not a directory (an export base such as saved_models/dlrm)")
     versions = sorted((int(p.name), p) for p in base.iterdir() if p.name.isdigit() and p.is_dir())
     if not versions:
         sys.exit(f"error: {base} holds no numbered SavedModel version")
@@ -28,8 +30,11 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=3, help="how many of the file's last lines (default: 3)")
     args = parser.parse_args()
     opener = gzip.open if args.file.endswith(".gz") else open
-    with opener(args.file, "rt") as f:
-        lines = f.read().splitlines()[-args.lines:]
+    try:
+        with opener(args.file, "rt") as f:
+            lines = f.read().splitlines()[-args.lines:]
+    except OSError as e:
+        sys.exit(f"error: cannot read {args.file}: {e.strerror or e}")
     labels, dense, categorical = [], [], []
     for line in lines:
         fields = line.split("\t")
