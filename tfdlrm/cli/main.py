@@ -133,7 +133,11 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
             _env.restart_without_huge_pages(args.argv)
     stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
-        if args.command != "presets":
+        if args.command == "server":
+            from tfdlrm.parallel.ps import prepare_server_environment
+
+            prepare_server_environment()  # before TensorFlow loads
+        if args.command not in ("presets", "cluster"):  # the launcher starts processes; it needs no TensorFlow
             import_tensorflow_quietly()
         code = args.func(args)
         sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error

@@ -30,6 +30,7 @@ from tfdlrm.parallel.netns import NoPrivateNetwork, enter_private_network
 HOST = "127.0.0.1"
 STOP_WAIT = 20.0  # seconds the processes get after SIGTERM before SIGKILL
 PR_SET_PDEATHSIG = 1
+THREAD_STACK = 2 << 20  # RLIMIT_STACK of capped processes: their threads' (and main thread's) stack size
 OPEN_PORTS_FLAG = "--open-ports"
 
 
@@ -75,6 +76,11 @@ def _child_setup(memory: Optional[int]):
         os.setsid()
         if memory:
             resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+            # Thread stacks count against RLIMIT_DATA: TensorFlow's ~100 threads at glibc's default of
+            # RLIMIT_STACK (8 MiB) would take 0.75 GiB of the cap for stacks they never use.
+            soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+            if soft == resource.RLIM_INFINITY or soft > THREAD_STACK:
+                resource.setrlimit(resource.RLIMIT_STACK, (THREAD_STACK, hard))
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before prctl
             os._exit(1)
@@ -123,6 +129,31 @@ def _wait_ready(tasks: Sequence[Task], timeout: float, signals: list, out: TextI
             late = ", ".join(t.name for t in tasks if not t.ready)
             raise UserError(f"the cluster did not start within {timeout:.0f} s (still starting: {late})")
         _pump(tasks, 0.5, out)
+
+
+def process_memory(pid: int) -> Optional[tuple]:
+    """``(peak resident bytes so far (VmHWM), data segment bytes now (VmData, what RLIMIT_DATA caps))``
+    of a process; None once it is gone."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmData:")):
+                    found[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return (found["VmHWM"], found["VmData"]) if len(found) == 2 else None
+
+
+def _track(peaks: dict, name: str, pid: int) -> None:
+    now = process_memory(pid)
+    if now is not None:
+        old = peaks.get(name, (0, 0))
+        peaks[name] = (max(old[0], now[0]), max(old[1], now[1]))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
 
 
 class _Interrupted(Exception):
@@ -198,7 +229,10 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
         chief = subprocess.Popen([sys.executable, "-m", "tfdlrm", *command], env=dict(env, TF_CONFIG=config),
                                  preexec_fn=setup)
         forwarded = 0
+        peaks: dict = {}  # name: [peak RSS, largest VmData seen]
         while chief.poll() is None:
+            for name, pid in [("chief", chief.pid)] + [(t.name, t.popen.pid) for t in tasks]:
+                _track(peaks, name, pid)
             if len(signals) > forwarded:  # the first to the chief (it checkpoints), a second kills it
                 if forwarded == 0:
                     chief.send_signal(signals[0])
@@ -207,6 +241,12 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
                 forwarded = len(signals)
             _pump(tasks, 0.5, out)
         _pump(tasks, 0.0, out)
+        for task in tasks:
+            _track(peaks, task.name, task.popen.pid)
+        if peaks:
+            print("tfdlrm cluster: peak resident memory (largest data segment, sampled every 0.5 s) "
+                  + ", ".join(f"{n} {_gib(rss)} ({_gib(data)})" for n, (rss, data) in peaks.items()),
+                  file=out, flush=True)
         code = chief.returncode
         return 128 - code if code < 0 else code
     finally:
