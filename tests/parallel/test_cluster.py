@@ -182,29 +182,45 @@ def test_a_server_that_dies_at_start_stops_the_cluster_in_one_line():
     assert processes_marked(mark) == []
 
 
-@pytest.mark.slow
-def test_cluster_trains_with_its_ports_private_and_leaves_no_process(tmp_path):
-    """docs/parallelism.md's one-host cluster: 2 ps and 2 workers as `tfdlrm server` processes in a
-    private network namespace; while it runs, no port answers on this host's addresses but each does
-    inside; the chief trains, and at the end every process is gone."""
-    mark = uuid.uuid4().hex
+def start_cluster(mark: str, out, *extra: str) -> tuple:
+    """``tfdlrm cluster`` (2 ps, 2 workers) training the tiny preset into ``out``: the launcher, the lines
+    up to its ``tfdlrm cluster:`` line, and each task's (job, index, port, pid)."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tfdlrm", "cluster", "--workers", "2", "--ps", "2", "--", "train",
-         "--steps-per-epoch", "3", "--epochs", "2", "--train-examples", "20480", "--eval-examples", "2048",
-         "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05", "--out", str(tmp_path / "run")],
+         "--steps-per-epoch", "100", "--epochs", "2", "--train-examples", "20480", "--eval-examples", "2048",
+         "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05", "--out", str(out), *extra],
         env=launcher_env(mark), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not (lines and lines[-1].startswith("tfdlrm cluster:")):
+        line = launcher.stdout.readline()
+        if not line:
+            err = launcher.stderr.read()
+            if "private network" in err:
+                pytest.skip(err.strip())
+            raise AssertionError("".join(lines) + err)
+        lines.append(line)
+    tasks = re.findall(r"(ps|worker) (\d) 127\.0\.0\.1:(\d+) \(pid (\d+)\)", lines[-1])
+    assert sorted((job, int(i)) for job, i, _, _ in tasks) == [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)]
+    return launcher, lines, tasks
+
+
+def none_left(mark: str) -> bool:
+    deadline = time.time() + 10
+    while processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    return processes_marked(mark) == []
+
+
+@pytest.mark.slow
+def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resumes(tmp_path):
+    """docs/parallelism.md's one-host cluster: 2 ps and 2 workers as `tfdlrm server` processes in a
+    private network namespace. While it runs, no port answers on this host's addresses but each does
+    inside; a parameter server killed (-9) after the first epoch's checkpoint stops the chief with one
+    line naming it; the same command again resumes from that checkpoint and finishes; no process is
+    left after either."""
+    mark = uuid.uuid4().hex
+    launcher, lines, tasks = start_cluster(mark, tmp_path / "run")
     try:
-        lines = []
-        while not (lines and lines[-1].startswith("tfdlrm cluster:")):
-            line = launcher.stdout.readline()
-            if not line:
-                err = launcher.stderr.read()
-                if "private network" in err:
-                    pytest.skip(err.strip())
-                raise AssertionError("".join(lines) + err)
-            lines.append(line)
-        tasks = re.findall(r"(ps|worker) (\d) 127\.0\.0\.1:(\d+) \(pid (\d+)\)", lines[-1])
-        assert sorted((job, int(i)) for job, i, _, _ in tasks) == [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)]
         assert "private network namespace" in lines[-1]
         for job, index, port, pid in tasks:  # each said where it listens, then that it serves
             said = [line for line in lines if line.startswith(f"[{job} {index}] ")]
@@ -217,19 +233,36 @@ def test_cluster_trains_with_its_ports_private_and_leaves_no_process(tmp_path):
             inside = subprocess.run(["nsenter", f"--net=/proc/{tasks[0][3]}/ns/net", sys.executable, "-c", probe,
                                      *[port for _, _, port, _ in tasks]], capture_output=True, text=True, timeout=30)
             assert "inside: all accept" in inside.stdout, inside.stderr
+        first = tmp_path / "run" / "checkpoints" / "epoch-001.json"
+        deadline = time.time() + 240
+        while not first.exists() and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.exists() and launcher.poll() is None, "the first epoch's checkpoint was not written in time"
+        os.kill(int([pid for job, i, _, pid in tasks if (job, i) == ("ps", "1")][0]), 9)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=30)
+    assert launcher.returncode == 1, out[-2000:] + err[-3000:]
+    assert_clean_error(subprocess.CompletedProcess([], launcher.returncode, out, err), "lost the cluster's ps 1",
+                       "rerun the same command")
+    assert none_left(mark)
+
+    launcher, _, _ = start_cluster(mark, tmp_path / "run")  # ps 1 back: the same command
+    try:
         out, err = launcher.communicate(timeout=300)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(timeout=30)
     assert launcher.returncode == 0, err[-3000:]
+    assert "resuming from" in out and "epoch-001" in out and "step 100, epoch 2 from its start" in out, out
     assert "parameter servers: 2 worker(s), 2 ps" in out and "dlrm held-out: exact AUC" in out
-    deadline = time.time() + 10
-    while processes_marked(mark) and time.time() < deadline:
-        time.sleep(0.2)
-    assert processes_marked(mark) == []
+    assert none_left(mark)
     model, _ = load_run(str(tmp_path / "run"))  # sharded on the servers, whole here
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "run" / "checkpoints" / "epoch-002.json").read_text())["step"] == 200
     from tfdlrm.pipelines.sources import open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.evaluate import evaluate

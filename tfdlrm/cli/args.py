@@ -25,6 +25,7 @@ from tfdlrm.presets import (
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a process killed by it
+EXIT_LOST_TASK = 1  # a --parallel ps run lost a server or worker it cannot do without
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, and no abbreviated flags (``--ref`` for ``--reference``): the

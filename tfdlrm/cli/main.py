@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from tfdlrm._env import import_tensorflow_quietly
-from tfdlrm.cli.args import EXIT_BROKEN_PIPE, EXIT_USAGE
+from tfdlrm._env import import_tensorflow_quietly, tf_logs_wanted
+from tfdlrm.cli.args import EXIT_BROKEN_PIPE, EXIT_LOST_TASK, EXIT_USAGE
 from tfdlrm.cli.parser import build_parser
 from tfdlrm.errors import Stopped, UserError
 
@@ -24,6 +24,26 @@ def tensorflow_error_message(error: BaseException) -> Optional[str]:
         text = message[marker + len("tfdlrm: "):]
         return text.split("\n")[0].rstrip("'\"]")
     return None
+
+
+def lost_task_message(error: BaseException) -> Optional[str]:
+    """For TensorFlow's ``UnavailableError`` (or a cluster error naming a task) under ``--parallel ps``:
+    one line naming the parameter server or worker that cannot be reached; None for any other error."""
+    if not type(error).__module__.startswith("tensorflow") or type(error).__name__ not in (
+            "UnavailableError", "AbortedError", "CancelledError", "UnknownError", "InternalError"):
+        return None
+    import re
+
+    text = getattr(error, "message", None) or str(error)
+    task = re.search(r"/job:(ps|worker|chief)/replica:\d+/task:(\d+)", text)
+    if not task or (type(error).__name__ != "UnavailableError" and "Socket closed" not in text
+                    and "Connection reset" not in text and "failed to connect" not in text.lower()):
+        return None
+    why = re.search(r"grpc_message:\s*\"([^\"]+)\"", text)
+    why = why.group(1).rsplit(": ", 1)[-1] if why else type(error).__name__  # "... host: Connection refused"
+    return (f"lost the cluster's {task.group(1)} {task.group(2)} ({why}): "
+            f"training stopped. Restart that process and rerun the same command: a run with --out resumes from "
+            f"its last checkpoint")
 
 
 def data_loss_message(error: BaseException) -> Optional[str]:
@@ -137,8 +157,17 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
             from tfdlrm.parallel.ps import prepare_server_environment
 
             prepare_server_environment()  # before TensorFlow loads
+        quiet_cluster = getattr(args, "parallel", None) == "ps" and not tf_logs_wanted()
+        if quiet_cluster and "tensorflow" not in sys.modules:
+            # a lost server or worker is one line (lost_task_message), not TensorFlow's C++ error lines
+            # repeated for every remote call in flight (TFDLRM_TF_LOGS=1 shows them)
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         if args.command not in ("presets", "cluster"):  # the launcher starts processes; it needs no TensorFlow
             import_tensorflow_quietly()
+        if quiet_cluster:  # nor the coordinator's Python log of each closure that failed
+            import logging
+
+            logging.getLogger("tensorflow").setLevel(logging.CRITICAL)
         code = args.func(args)
         sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
     except UserError as e:
@@ -160,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     except Exception as e:  # TensorFlow reports bad data as runtime errors
+        lost = lost_task_message(e)
+        if lost is not None:
+            sys.stderr.write(f"error: {lost}\n")
+            return EXIT_LOST_TASK
         text = (tensorflow_error_message(e) or data_loss_message(e)
                 or out_of_memory_message(e, getattr(args, "command", None)))
         if text is None:
