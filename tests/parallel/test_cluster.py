@@ -216,8 +216,8 @@ def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resum
     """docs/parallelism.md's one-host cluster: 2 ps and 2 workers as `tfdlrm server` processes in a
     private network namespace. While it runs, no port answers on this host's addresses but each does
     inside; a parameter server killed (-9) after the first epoch's checkpoint stops the chief with one
-    line naming it; the same command again resumes from that checkpoint and finishes; no process is
-    left after either."""
+    line naming it; the same command again resumes from that checkpoint and, a worker killed (-9) as
+    its epoch starts, the other does every step; no process is left after either."""
     mark = uuid.uuid4().hex
     launcher, lines, tasks = start_cluster(mark, tmp_path / "run")
     try:
@@ -249,9 +249,14 @@ def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resum
                        "rerun the same command")
     assert none_left(mark)
 
-    launcher, _, _ = start_cluster(mark, tmp_path / "run")  # ps 1 back: the same command
+    launcher, lines, tasks = start_cluster(mark, tmp_path / "run")  # ps 1 back: the same command
     try:
+        while not lines[-1].startswith("dlrm inputs"):  # the chief's last line before its epoch starts
+            lines.append(launcher.stdout.readline())
+            assert lines[-1], "".join(lines)
+        os.kill(int([pid for job, i, _, pid in tasks if (job, i) == ("worker", "1")][0]), 9)
         out, err = launcher.communicate(timeout=300)
+        out = "".join(lines) + out
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -262,7 +267,7 @@ def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resum
     assert none_left(mark)
     model, _ = load_run(str(tmp_path / "run"))  # sharded on the servers, whole here
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert json.loads((tmp_path / "run" / "checkpoints" / "epoch-002.json").read_text())["step"] == 200
+    assert json.loads((tmp_path / "run" / "checkpoints" / "epoch-002.json").read_text())["step"] == 200  # all done
     from tfdlrm.pipelines.sources import open_data
     from tfdlrm.presets import get_preset
     from tfdlrm.training.evaluate import evaluate
