@@ -182,6 +182,24 @@ def test_a_server_that_dies_at_start_stops_the_cluster_in_one_line():
     assert processes_marked(mark) == []
 
 
+def test_a_cap_too_small_for_a_server_shards_is_one_line_and_stops_the_cluster():
+    """26 x 3M rows over 2 servers: 2.3 GiB of shards each, under a 2.4 GiB cap a process: the chief
+    refuses before any variable exists, and no process is left."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.run([sys.executable, "-m", "tfdlrm", "cluster", "--workers", "1", "--ps", "2",
+                           "--memory-per-process", "2500MiB", "--", "train", "--preset", "kaggle", "--rows", "3000000",
+                           "--optimizer", "sgd", "--steps-per-epoch", "2", "--batch-size", "2048", "--train-examples",
+                           "8192", "--eval-examples", "4096"],
+                          env=launcher_env(mark), cwd=REPO, capture_output=True, text=True, timeout=300)
+    if "private network" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert_clean_error(proc, "each parameter server needs an estimated 3.", "table shards and their slots 2.",
+                       "more than 2.4 GiB (tfdlrm cluster --memory-per-process)")
+    assert proc.returncode == 2
+    assert "memory per process (estimated): chief" in proc.stdout + proc.stderr
+    assert none_left(mark)
+
+
 def start_cluster(mark: str, out, *extra: str) -> tuple:
     """``tfdlrm cluster`` (2 ps, 2 workers) training the tiny preset into ``out``: the launcher, the lines
     up to its ``tfdlrm cluster:`` line, and each task's (job, index, port, pid)."""

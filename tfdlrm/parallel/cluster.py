@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, TextIO
 
 from tfdlrm.errors import UserError
-from tfdlrm.parallel.devices import NETWORK_ENV
+from tfdlrm.parallel.devices import MEMORY_ENV, NETWORK_ENV
 from tfdlrm.parallel.netns import NoPrivateNetwork, enter_private_network
 
 HOST = "127.0.0.1"
@@ -203,6 +203,9 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
         where = f"a private {how}: its ports are reachable from its own processes only"
     cluster = cluster_spec(workers, ps)
     env = dict(os.environ, **{NETWORK_ENV: network})
+    env.pop(MEMORY_ENV, None)
+    if memory:
+        env[MEMORY_ENV] = str(memory)
     setup = _child_setup(memory)
     signals: list = []
     previous = {s: signal.signal(s, lambda signum, frame: signals.append(signum))

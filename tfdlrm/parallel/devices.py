@@ -11,6 +11,8 @@ from tfdlrm.presets import PARALLEL_MODES
 # Set by ``tfdlrm cluster`` (tfdlrm/parallel/cluster.py) for the processes it starts: "private" (a
 # network namespace of their own) or "open" (--open-ports).
 NETWORK_ENV = "TFDLRM_CLUSTER_NETWORK"
+# Set by ``tfdlrm cluster --memory-per-process``: the cap of every process it starts, in bytes.
+MEMORY_ENV = "TFDLRM_CLUSTER_MEMORY"
 
 _DEVICE = re.compile(r"^(?:/?(?:job:[^/]+/)?(?:replica:\d+/)?(?:task:\d+/)?(?:device:)?)?(cpu|gpu):(\d+)$", re.I)
 
