@@ -192,6 +192,8 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
     if open_ports:
         network = "open"
         where = "ports open on every interface (--open-ports)"
+        print("tfdlrm cluster: warning: --open-ports: every server listens on all of this host's interfaces, "
+              "unauthenticated, while the cluster runs (docs/parallelism.md, Security)", file=sys.stderr, flush=True)
     else:
         try:
             how = enter_private_network()
