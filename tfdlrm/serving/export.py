@@ -262,8 +262,14 @@ def check_export_memory(run_file: Path, quantize_bits: Optional[int] = None) -> 
 
     from tfdlrm.presets import ModelConfig
     from tfdlrm.tables import table_specs
-    from tfdlrm.training.memory import (RUNTIME_BYTES, available_memory, format_bytes, memory_caps,
-                                        process_rss, thread_stacks)
+    from tfdlrm.training.memory import (
+        RUNTIME_BYTES,
+        available_memory,
+        format_bytes,
+        memory_caps,
+        process_rss,
+        thread_stacks,
+    )
 
     try:
         meta = json.loads(run_file.read_text())

@@ -171,9 +171,13 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
         write_json(out / RUN_FILE, run_info)
 
     if setup.mode == "ps":
-        # Each worker reads its own shard of the data; the coordinator evaluates.
+        # Each worker reads its own batches: every worker's pipeline is the same seeded order, and each
+        # keeps every workers-th batch from its index (tfdlrm/parallel/ps.py worker_shard).
+        from tfdlrm.parallel.ps import worker_shard
+
         train_data = tf.keras.utils.experimental.DatasetCreator(
-            lambda context: source.train_dataset(spec.batch_size, seed=spec.seed, input_context=context).repeat())
+            lambda context: worker_shard(source.train_dataset(spec.batch_size, seed=spec.seed),
+                                         len(setup.cluster["worker"])).repeat())
     elif start < total_steps:
         train_data = training_stream(source, spec.batch_size, spec.seed, start, total_steps, spec.shuffle,
                                      spec.last_batch)
