@@ -147,7 +147,7 @@ def worker_shard(data, workers: int, environ: str = "/proc/self/environ"):
     context (one pipeline, index 0), so a shard by that context, or a seed alone, gave every worker
     the same batches in the same order: each batch trained once per worker while an epoch's steps
     reached 1/workers of the rows (kaggle_split, 2 workers, Adagrad: test AUC 0.677-0.700 against
-    0.739-0.742 in one process; with this shard 0.736-0.739). Every worker reads and parses the
+    0.739-0.742 in one process; with this shard 0.725-0.739). Every worker reads and parses the
     whole stream and keeps its share; a faster worker goes round its share again while the other's
     last batches wait for the next epoch.
     """
