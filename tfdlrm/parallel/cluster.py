@@ -191,7 +191,7 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
                         "(the environment names another cluster)")
     if open_ports:
         network = "open"
-        where = "ports open on every interface (--open-ports)"
+        where = "with its ports open on every interface (--open-ports)"
         print("tfdlrm cluster: warning: --open-ports: every server listens on all of this host's interfaces, "
               "unauthenticated, while the cluster runs (docs/parallelism.md, Security)", file=sys.stderr, flush=True)
     else:
@@ -202,7 +202,7 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
                             f"to whoever reaches this host, and TensorFlow's servers authenticate no one: pass "
                             f"{OPEN_PORTS_FLAG} to accept that (docs/parallelism.md, Security)") from None
         network = "private"
-        where = f"a private {how}: its ports are reachable from its own processes only"
+        where = f"in a private {how}: its ports are reachable from its own processes only"
     cluster = cluster_spec(workers, ps)
     env = dict(os.environ, **{NETWORK_ENV: network})
     env.pop(MEMORY_ENV, None)
@@ -228,7 +228,7 @@ def run_cluster(command: Sequence[str], workers: int, ps: int, memory: Optional[
             print(f"tfdlrm cluster: stopped by {signal.Signals(stop.signum).name} while starting", file=out, flush=True)
             return 128 + stop.signum
         listing = ", ".join(f"{t.name} {t.address} (pid {t.popen.pid})" for t in tasks)
-        print(f"tfdlrm cluster: {ps} ps and {workers} worker(s) on {HOST}, in {where}; {listing}",
+        print(f"tfdlrm cluster: {ps} ps and {workers} worker(s) on {HOST}, {where}; {listing}",
               file=out, flush=True)
         config = json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})
         chief = subprocess.Popen([sys.executable, "-m", "tfdlrm", *command], env=dict(env, TF_CONFIG=config),
