@@ -2,9 +2,30 @@
 tests import live in ``tests.helpers``."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def _share_xla_compilations() -> None:
+    """One XLA compilation cache for the whole run, empty at its start: the in-process tests and the
+    ``python -m tfdlrm`` processes they start compile the same small programs many times over (the
+    tiny preset's step).  ``TF_XLA_FLAGS`` is read when TensorFlow first uses XLA, so it is set here,
+    before the import below; the pytest-xdist workers and every process a test starts inherit it (a
+    worker finds it set by the controller; a cache directory of the caller's own is kept as given)."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "--tf_xla_persistent_cache_directory" in flags:
+        return
+    directory = tempfile.mkdtemp(prefix="tfdlrm-tests-xla-cache-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+
+
+_share_xla_compilations()
 
 import tfdlrm  # noqa: F401  (must precede tensorflow)  # isort: skip
 import tensorflow as tf  # noqa: E402  # isort: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_clean_error, run_cli
+from tests.helpers import assert_clean_error
 from tests.helpers.cli import run_main, run_process
 from tests.helpers.criteo_rows import numbered_lines, write_lines
 
@@ -53,10 +53,11 @@ def assets(tmp_path_factory) -> dict:
     shutil.copytree(a["dataset"], a["truncated"])
     shard = a["truncated"] / "train-00000.tfrecord"
     shard.write_bytes(shard.read_bytes()[:100])
-    # a finished tiny run, a run directory with no checkpoint, and one whose run.json is garbage
+    # a finished tiny run (Keras's stock step: no XLA compile), a run directory with no checkpoint, and one
+    # whose run.json is garbage
     a["run"] = root / "run"
     proc = run_main(["train", "--train-examples", "2048", "--eval-examples", "1024", "--batch-size", "512",
-                     "--optimizer", "adagrad", "--lr", "0.05", "--out", str(a["run"])])
+                     "--optimizer", "adagrad", "--lr", "0.05", "--xla", "off", "--out", str(a["run"])])
     assert proc.returncode == 0, proc.stderr
     # a stand-in for a checkout of facebookresearch/dlrm, and a Python without PyTorch (this one)
     a["checkout"] = root / "dlrm-checkout"
@@ -296,10 +297,10 @@ ROWS = [
 
 @functools.lru_cache(maxsize=None)
 def commands(*parents: str) -> frozenset:
-    """The (sub)commands ``python -m tfdlrm PARENTS --help`` lists."""
+    """The (sub)commands ``python -m tfdlrm PARENTS --help`` lists (the same parser, in this process)."""
     import re
 
-    text = run_cli(*parents, "--help").stdout
+    text = run_main([*parents, "--help"]).stdout
     block = text.split("positional arguments:", 1)[-1].split("options:", 1)[0]
     return frozenset(re.findall(r"^    (\w[\w-]*)", block, re.MULTILINE))
 

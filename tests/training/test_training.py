@@ -91,10 +91,13 @@ def test_training_on_synthetic_data_learns_toward_the_teacher(tmp_path):
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents*"))  # TensorBoard (test_logging.py)
 
 
-@pytest.mark.parametrize("model_name", ["dcn", "dcn-v2"])
-def test_dcn_trains(model_name):
+# DCN with Keras's stock step: test_dcn_uses_the_fast_step_too (tests/models) checks its fast step against
+# that one; DCN-v2's fast step is trained here only, so it keeps the default
+@pytest.mark.parametrize("model_name, xla", [("dcn", "off"), ("dcn-v2", "auto")])
+def test_dcn_trains(model_name, xla):
     result = train(TrainSpec(model=model_name, preset="tiny", data="synthetic", batch_size=512, optimizer="adagrad",
-                             lr=0.05, train_examples=60_000, eval_examples=10_240, verbose=0), log=lambda s: None)
+                             lr=0.05, train_examples=60_000, eval_examples=10_240, verbose=0, xla=xla),
+                   log=lambda s: None)
     assert result.evaluation.auc > 0.6
 
 
