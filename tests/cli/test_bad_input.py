@@ -284,6 +284,14 @@ ROWS = [
      {"env": {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"], "chief": ["127.0.0.1:3"]}, '
                            '"task": {"type": "chief", "index": 0}}'}}),
 
+    # -- cluster (tfdlrm/parallel/cluster.py): refused before any process starts
+    ("cluster/no-command", ["cluster"], ["-- train ARGS", "nothing"], {"env": {"TF_CONFIG": ""}}),
+    ("cluster/not-train", ["cluster", "--", "export", "{run}"], ["-- train ARGS", "'export"], {"env": {"TF_CONFIG": ""}}),
+    ("cluster/tf-config-set", ["cluster", "--", "train", "--steps-per-epoch", "2"], ["unset TF_CONFIG"],
+     {"env": PS_CONFIG}),
+    ("cluster/memory-size", ["cluster", "--memory-per-process", "3XB", "--", "train", "--steps-per-epoch", "2"],
+     ["--memory-per-process", "'3XB'"], {"env": {"TF_CONFIG": ""}}),
+
     # -- export (tfdlrm/export.py, issue 5): these run once the command exists
     ("export/run-missing", ["export", "{tmp}/no-run"], ["no-run"], {"command": ("export",)}),
     ("export/run-is-a-file", ["export", "{file}"], ["a-file"], {"command": ("export",)}),

@@ -117,6 +117,27 @@ def test_tf_config_addresses_are_checked_before_connecting(monkeypatch):
                        "worker 0 is 192.0.2.7:2001", "not a loopback address")
 
 
+def test_a_lost_task_is_named_by_its_address_else_by_the_error(monkeypatch):
+    from tfdlrm.cli.main import lost_task_message
+
+    class UnavailableError(Exception):
+        pass
+
+    UnavailableError.__module__ = "tensorflow.python.framework.errors_impl"
+    cluster = {"chief": ["127.0.0.1:1000"], "ps": ["127.0.0.1:2000", "127.0.0.1:2001"], "worker": ["127.0.0.1:3000"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster}))
+    refused = ('from remote target /job:chief/replica:0/task:0 ... /job:worker/replica:0/task:0 {grpc_message:"failed '
+               'to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:2001: Failed to connect to remote '
+               'host: Connection refused"}')
+    assert lost_task_message(UnavailableError(refused)).startswith("lost the cluster's ps 1 (Connection refused)")
+    closed = 'from remote target /job:worker/replica:0/task:0 while calling ... {grpc_message:"Socket closed"}'
+    assert lost_task_message(UnavailableError(closed)).startswith("lost the cluster's worker 0 (Socket closed)")
+    reset = 'from remote target /job:chief/replica:0/task:0 {grpc_message:"recvmsg:Connection reset by peer"}'
+    assert "parameter servers or workers (recvmsg:Connection reset by peer)" in lost_task_message(
+        UnavailableError(reset))
+    assert lost_task_message(ValueError(refused)) is None  # only TensorFlow's errors
+
+
 def test_the_server_says_who_can_reach_its_port(monkeypatch):
     cluster = {"worker": ["127.0.0.1:2001"], "ps": ["10.0.0.5:2222"]}
     monkeypatch.delenv(NETWORK_ENV, raising=False)
@@ -205,7 +226,7 @@ def start_cluster(mark: str, out, *extra: str) -> tuple:
     up to its ``tfdlrm cluster:`` line, and each task's (job, index, port, pid)."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tfdlrm", "cluster", "--workers", "2", "--ps", "2", "--", "train",
-         "--steps-per-epoch", "100", "--epochs", "2", "--train-examples", "20480", "--eval-examples", "2048",
+         "--steps-per-epoch", "100", "--epochs", "2", "--train-examples", "102400", "--eval-examples", "2048",
          "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05", "--out", str(out), *extra],
         env=launcher_env(mark), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -263,8 +284,10 @@ def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resum
             launcher.kill()
             launcher.wait(timeout=30)
     assert launcher.returncode == 1, out[-2000:] + err[-3000:]
-    assert_clean_error(subprocess.CompletedProcess([], launcher.returncode, out, err), "lost the cluster's ps 1",
+    assert_clean_error(subprocess.CompletedProcess([], launcher.returncode, out, err), "lost the cluster's",
                        "rerun the same command")
+    said = [line for line in err.splitlines() if "error:" in line][0]  # ps 1, or no name: never another task
+    assert "lost the cluster's ps 1 (" in said or "lost the cluster's parameter servers or workers (" in said, said
     assert none_left(mark)
 
     launcher, lines, tasks = start_cluster(mark, tmp_path / "run")  # ps 1 back: the same command
@@ -290,6 +313,6 @@ def test_cluster_ports_are_private_a_lost_server_is_one_line_and_the_rerun_resum
     from tfdlrm.presets import get_preset
     from tfdlrm.training.evaluate import evaluate
 
-    data = open_data("synthetic", get_preset("tiny"), train_examples=20480, eval_examples=2048)
-    assert evaluate(model, data.eval_dataset(1024)).logloss == pytest.approx(
+    data = open_data("synthetic", get_preset("tiny"), train_examples=102400, eval_examples=2048)
+    assert evaluate(model, data.eval_dataset(4096)).logloss == pytest.approx(  # the chief's batches
         metrics["evaluation"]["logloss"], abs=1e-6)

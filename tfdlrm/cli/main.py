@@ -35,15 +35,33 @@ def lost_task_message(error: BaseException) -> Optional[str]:
     import re
 
     text = getattr(error, "message", None) or str(error)
-    task = re.search(r"/job:(ps|worker|chief)/replica:\d+/task:(\d+)", text)
-    if not task or (type(error).__name__ != "UnavailableError" and "Socket closed" not in text
-                    and "Connection reset" not in text and "failed to connect" not in text.lower()):
+    tasks = re.findall(r"/job:(ps|worker|chief)/replica:\d+/task:(\d+)", text)
+    if not tasks or (type(error).__name__ != "UnavailableError" and "Socket closed" not in text
+                     and "Connection reset" not in text and "failed to connect" not in text.lower()):
         return None
+    # the task whose address the failed connection names, else the first ps or worker the error names
+    # (the chief is this process: a remote task names it when its own link to the lost one broke)
+    ports = set(re.findall(r"ipv[46]:\[?[0-9a-fA-F.:]+?\]?:(\d+)", text))
+    lost = next((f"{job} {i}" for job, i, port in cluster_tasks() if port in ports), None)
+    others = [" ".join(t) for t in tasks if t[0] != "chief"]
+    name = lost or (others[0] if others else "parameter servers or workers")
     why = re.search(r"grpc_message:\s*\"([^\"]+)\"", text)
     why = why.group(1).rsplit(": ", 1)[-1] if why else type(error).__name__  # "... host: Connection refused"
-    return (f"lost the cluster's {task.group(1)} {task.group(2)} ({why}): "
+    return (f"lost the cluster's {name} ({why}): "
             f"training stopped. Restart that process and rerun the same command: a run with --out resumes from "
             f"its last checkpoint")
+
+
+def cluster_tasks() -> list:
+    """``(job, index, port)`` of every ps and worker in TF_CONFIG's cluster (none when unreadable)."""
+    import json
+
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+        return [(job, str(i), address.rpartition(":")[2]) for job in ("ps", "worker")
+                for i, address in enumerate(cluster.get(job) or [])]
+    except (ValueError, AttributeError, TypeError):
+        return []
 
 
 def data_loss_message(error: BaseException) -> Optional[str]:
@@ -206,4 +224,12 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
 
 def console() -> None:
     """The ``tfdlrm`` console script (pyproject.toml): the same as ``python -m tfdlrm``."""
-    sys.exit(main(restart=True))
+    code = main(restart=True)
+    if code == EXIT_LOST_TASK:
+        # A cluster task is gone: TensorFlow's remote executors raise again in their destructors at
+        # interpreter exit ("Exception ignored in ... Executor.__del__" and a traceback); the one line
+        # is written, so end here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
