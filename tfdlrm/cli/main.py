@@ -52,6 +52,17 @@ def lost_task_message(error: BaseException) -> Optional[str]:
             f"its last checkpoint")
 
 
+def _quiet_remote_executors(default):
+    """An unraisable hook that drops TensorFlow's errors from destructors (a remote executor waiting on
+    a lost task raises again as it is collected: "Exception ignored in ... Executor.__del__") and
+    passes every other one to ``default``."""
+    def hook(unraisable):
+        if not type(unraisable.exc_value).__module__.startswith("tensorflow"):
+            default(unraisable)
+
+    return hook
+
+
 def cluster_tasks() -> list:
     """``(job, index, port)`` of every ps and worker in TF_CONFIG's cluster (none when unreadable)."""
     import json
@@ -186,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None, restart: bool = False) -> int:
             import logging
 
             logging.getLogger("tensorflow").setLevel(logging.CRITICAL)
+            sys.unraisablehook = _quiet_remote_executors(sys.unraisablehook)
         code = args.func(args)
         sys.stdout.flush()  # here, so that a full disk or a closed pipe is one line like any error
     except UserError as e:
