@@ -174,10 +174,6 @@ def embedding_parameter_count(config: ModelConfig) -> int:
     return sum(spec.parameters for spec in table_specs(config))
 
 
-def all_full(config: ModelConfig) -> bool:
-    return all(spec.kind == "full" for spec in table_specs(config))
-
-
 def table_summary(config: ModelConfig, feature_names: Optional[Sequence[str]] = None) -> list[str]:
     """Each table's choice, a line per kind and shape (tables alike named together), then the total against
     full tables; nothing when every table is full."""

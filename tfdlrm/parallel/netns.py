@@ -76,10 +76,3 @@ def enter_private_network() -> str:
         raise NoPrivateNetwork(f"cannot bring up loopback in the new network namespace: {e.strerror or e}") from None
     return how
 
-
-def same_network(pid: int) -> bool:
-    """Whether process ``pid`` shares this process's network namespace."""
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
-    except OSError:
-        return False
