@@ -65,14 +65,11 @@ def _quiet_remote_executors(default):
 
 def cluster_tasks() -> list:
     """``(job, index, port)`` of every ps and worker in TF_CONFIG's cluster (none when unreadable)."""
-    import json
+    from tfdlrm.parallel.devices import tf_config_part
 
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
-        return [(job, str(i), address.rpartition(":")[2]) for job in ("ps", "worker")
-                for i, address in enumerate(cluster.get(job) or [])]
-    except (ValueError, AttributeError, TypeError):
-        return []
+    cluster = tf_config_part("cluster")
+    return [(job, str(i), str(address).rpartition(":")[2]) for job in ("ps", "worker")
+            for i, address in enumerate(cluster.get(job) or [])]
 
 
 def data_loss_message(error: BaseException) -> Optional[str]:

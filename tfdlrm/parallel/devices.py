@@ -112,6 +112,18 @@ def check_parallel_args(mode, devices, budget, steps_per_epoch=None) -> None:
         raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see docs/parallelism.md)")
 
 
+def tf_config_part(key: str) -> dict:
+    """``TF_CONFIG``'s ``cluster`` or ``task``, read leniently: ``{}`` when it is unset, not JSON or not
+    a mapping (check_tf_config says what is wrong where that matters)."""
+    import json
+
+    try:
+        part = json.loads(os.environ.get("TF_CONFIG") or "{}").get(key)
+    except (ValueError, AttributeError):
+        return {}
+    return part if isinstance(part, dict) else {}
+
+
 def check_tf_config() -> dict:
     """``TF_CONFIG`` parsed and checked (a cluster of ``host:port`` lists, and a task in it)."""
     import json

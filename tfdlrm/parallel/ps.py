@@ -7,7 +7,7 @@ import threading
 from typing import Optional
 
 from tfdlrm.errors import UserError
-from tfdlrm.parallel.devices import NETWORK_ENV, check_tf_config
+from tfdlrm.parallel.devices import NETWORK_ENV, check_tf_config, tf_config_part
 
 _TABLE_CREATION = threading.local()  # .active: the variable being created is a table
 
@@ -86,13 +86,7 @@ def prepare_server_environment() -> None:
     reserves up to twice the memory in use (measured: 4.1 GiB of data segment for a 1.9 GiB table
     shard against 1.9 GiB without it), which a memory cap (RLIMIT_DATA) counts; a server holds and
     updates rows and runs no matmul, where oneDNN helps."""
-    import json
-
-    try:
-        task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task") or {}
-    except (ValueError, AttributeError):
-        return  # run_server says what is wrong with it
-    if isinstance(task, dict) and task.get("type") == "ps":
+    if tf_config_part("task").get("type") == "ps":  # a TF_CONFIG that cannot be read: run_server says why
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 

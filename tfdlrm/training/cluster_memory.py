@@ -17,14 +17,13 @@ The cap each process is checked against: ``--memory-limit`` (every process), els
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from tfdlrm.errors import UserError
-from tfdlrm.parallel.devices import MEMORY_ENV
+from tfdlrm.parallel.devices import MEMORY_ENV, tf_config_part
 from tfdlrm.presets import ModelConfig
 from tfdlrm.sizes import parameter_count
 from tfdlrm.tables import table_specs
@@ -68,10 +67,7 @@ class ClusterEstimate:
 
 def cluster_size() -> tuple:
     """``(parameter servers, workers)`` of TF_CONFIG's cluster."""
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
-    except (ValueError, AttributeError):
-        cluster = {}
+    cluster = tf_config_part("cluster")
     return len(cluster.get("ps") or []), len(cluster.get("worker") or [])
 
 
