@@ -262,14 +262,7 @@ def check_export_memory(run_file: Path, quantize_bits: Optional[int] = None) -> 
 
     from tfdlrm.presets import ModelConfig
     from tfdlrm.tables import table_specs
-    from tfdlrm.training.memory import (
-        RUNTIME_BYTES,
-        available_memory,
-        format_bytes,
-        memory_caps,
-        process_rss,
-        thread_stacks,
-    )
+    from tfdlrm.training.memory import RUNTIME_BYTES, format_bytes, process_rss, refuse_over_caps, refuse_over_machine
 
     try:
         meta = json.loads(run_file.read_text())
@@ -281,17 +274,10 @@ def check_export_memory(run_file: Path, quantize_bits: Optional[int] = None) -> 
                + (tables // 4 if quantize_bits else 0))
     what = (f"exporting {meta['model']} needs an estimated {format_bytes(need)} (its tables "
             f"{format_bytes(tables)}, whole in one process, as TF Serving will load them)")
-    for cap, name in memory_caps():
-        stacks = thread_stacks() if name.startswith("RLIMIT_DATA") else 0
-        if need + stacks > cap:
-            raise UserError(f"{what}, more than this process's {name} of {format_bytes(cap)}; export where one "
-                            f"process can hold the model (and serve it there), or train smaller tables "
-                            f"(--qr-collisions, --md-temperature, --hash-buckets)")
-    free = available_memory()
-    if free is not None and need > free + (process_rss() or 0):
-        raise UserError(f"{what}, more than the {format_bytes(free + (process_rss() or 0))} this machine has for "
-                        f"it; export where one process can hold the model (and serve it there), or train smaller "
-                        f"tables (--qr-collisions, --md-temperature, --hash-buckets)")
+    fix = ("export where one process can hold the model (and serve it there), or train smaller tables "
+           "(--qr-collisions, --md-temperature, --hash-buckets)")
+    refuse_over_caps(need, what, fix)
+    refuse_over_machine(need, what, fix)
 
 
 def _export(run_dir: str, base: Path, version: Optional[int], force: bool, dataset: Optional[str],

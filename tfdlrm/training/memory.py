@@ -277,24 +277,39 @@ def check_training_memory(spec, config: ModelConfig, eval_rows: int = 0,
         if estimate.total > limit:
             raise UserError(f"{what}, more than --memory-limit {format_bytes(limit)}; {fix}")
         return estimate
-    for cap, name in memory_caps():  # the process's own: its data segment counts the threads' stacks too
-        stacks = thread_stacks() if name.startswith("RLIMIT_DATA") else 0
-        if estimate.total + stacks > cap:
-            extra = f" and {format_bytes(stacks)} of thread stacks" if stacks else ""
-            raise UserError(f"{what}{extra}, more than this process's {name} of {format_bytes(cap)}; {fix}")
+    refuse_over_caps(estimate.total, what, fix)
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return None
+    refuse_over_machine(estimate.total, what, f"{fix}, or give --memory-limit SIZE to override the check",
+                        available, rss or 0)
+    return estimate
+
+
+def refuse_over_caps(need: int, what: str, fix: str) -> None:
+    """Refuse in one line (``UserError``: ``WHAT, more than ...; FIX``) ``need`` bytes that one of this
+    process's own caps cannot hold (:func:`memory_caps`; against ``RLIMIT_DATA`` the threads' stacks
+    count too, as that limit counts them)."""
+    for cap, name in memory_caps():
+        stacks = thread_stacks() if name.startswith("RLIMIT_DATA") else 0
+        if need + stacks > cap:
+            extra = f" and {format_bytes(stacks)} of thread stacks" if stacks else ""
+            raise UserError(f"{what}{extra}, more than this process's {name} of {format_bytes(cap)}; {fix}")
+
+
+def refuse_over_machine(need: int, what: str, fix: str, available: Optional[int] = None,
+                        held: Optional[int] = None) -> None:
+    """Refuse in one line ``need`` bytes more than this machine has for this process: ``MemAvailable``
+    (or ``available``) plus what the process holds (its RSS, or ``held``). Nothing where there is no
+    ``/proc/meminfo``."""
     free = available_memory() if available is None else available
     if free is None:
-        return estimate
-    held = rss or 0
-    if estimate.total > free + held:
+        return
+    held = (process_rss() or 0) if held is None else held
+    if need > free + held:
         raise UserError(f"{what}, more than the {format_bytes(free + held)} this machine has for it (MemAvailable "
-                        f"{format_bytes(free)} + this process's {format_bytes(held)}); {fix}, or give "
-                        f"--memory-limit SIZE to override the check")
-    return estimate
+                        f"{format_bytes(free)} + this process's {format_bytes(held)}); {fix}")
 
 
 def check_comparison_memory(specs) -> Optional[MemoryEstimate]:
