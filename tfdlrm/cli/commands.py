@@ -195,7 +195,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     from tfdlrm.parallel.cluster import run_cluster
-    from tfdlrm.parallel.devices import parse_bytes
+    from tfdlrm.parallel.devices import check_parallel_args, parse_bytes
 
     command = list(args.command[1:] if args.command[:1] == ["--"] else args.command)
     if command[:1] != ["train"]:
@@ -204,10 +204,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     train = args.parse_chief(command)  # the chief's flags, checked before any process starts
     if train.parallel not in (None, "ps"):
         raise UserError(f"tfdlrm cluster trains with --parallel ps; drop --parallel {train.parallel}")
-    if train.devices is not None or train.budget is not None:
-        raise UserError("--parallel ps takes its devices from the cluster; drop --devices and --budget")
-    if train.steps_per_epoch is None:
-        raise UserError("--parallel ps needs --steps-per-epoch (workers read their data shards endlessly)")
+    check_parallel_args("ps", train.devices, train.budget, train.steps_per_epoch, tf_config=False)
     if train.parallel is None:
         command[1:1] = ["--parallel", "ps"]
     memory = parse_bytes(args.memory_per_process, "--memory-per-process") if args.memory_per_process else None

@@ -90,8 +90,9 @@ def parse_budget(budget) -> Optional[int]:
     return None if budget is None else parse_bytes(budget)
 
 
-def check_parallel_args(mode, devices, budget, steps_per_epoch=None) -> None:
-    """The checks of ``--parallel``, ``--devices`` and ``--budget`` that need no TensorFlow."""
+def check_parallel_args(mode, devices, budget, steps_per_epoch=None, tf_config: bool = True) -> None:
+    """The checks of ``--parallel``, ``--devices`` and ``--budget`` that need no TensorFlow; ``tf_config``
+    False where TF_CONFIG is not written yet (``tfdlrm cluster`` checking its chief's flags)."""
     if mode is not None and mode not in PARALLEL_MODES:
         raise UserError(f"unknown parallel mode {mode!r}; choose one of: {', '.join(PARALLEL_MODES)}")
     if devices is not None:
@@ -108,7 +109,7 @@ def check_parallel_args(mode, devices, budget, steps_per_epoch=None) -> None:
             raise UserError(f"--budget applies to --parallel hybrid (its placement plan), not {mode}")
     if mode == "ps" and steps_per_epoch is None:
         raise UserError("--parallel ps needs --steps-per-epoch (workers read their data shards endlessly)")
-    if mode == "ps" and not os.environ.get("TF_CONFIG"):
+    if mode == "ps" and tf_config and not os.environ.get("TF_CONFIG"):
         raise UserError("--parallel ps needs TF_CONFIG describing the cluster (see docs/parallelism.md)")
 
 
