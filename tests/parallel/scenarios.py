@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import tfdlrm  # noqa: F401  (selects Keras 2 before tf.keras is first used)
@@ -200,25 +199,18 @@ def resume(args: dict) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ps_cluster(args: dict) -> dict:
     """2 workers and 2 parameter servers in this process, on 127.0.0.1 of its private network namespace
     (``main`` enters it); this process is the chief."""
     import numpy as np
     import tensorflow as tf
 
+    from tfdlrm.parallel.cluster import cluster_spec
     from tfdlrm.pipelines.sources import open_data
     from tfdlrm.training.compile import build_model, compile_model
     from tfdlrm.training.evaluate import evaluate
 
-    cluster = {"chief": [f"127.0.0.1:{_free_port()}"],
-               "worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)],
-               "ps": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    cluster = cluster_spec(workers=2, ps=2)  # distinct free ports on 127.0.0.1, as tfdlrm cluster picks them
     os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})
     spec = tf.train.ClusterSpec(cluster)
     for job in ("worker", "ps"):

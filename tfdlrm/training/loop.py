@@ -100,8 +100,9 @@ def _train(spec: TrainSpec, log: Callable[[str], None], held: ExitStack) -> RunR
     from tfdlrm.training.cluster_memory import check_cluster_memory
     from tfdlrm.training.memory import check_training_memory, held_out_rows
 
-    check_training_memory(spec, config, held_out_rows(source))  # before any variable: refused if it cannot fit
-    check_cluster_memory(spec, config, held_out_rows(source), log)  # --parallel ps: each process
+    eval_rows = held_out_rows(source)
+    check_training_memory(spec, config, eval_rows)  # before any variable: refused if it cannot fit
+    check_cluster_memory(spec, config, eval_rows, log)  # --parallel ps: each process
     per_pass = source.train_batches(spec.batch_size, spec.last_batch)
     steps_per_epoch = spec.steps_per_epoch or per_pass
     total_steps = spec.epochs * steps_per_epoch
